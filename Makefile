@@ -1,0 +1,38 @@
+# Two commands matter: `make demo` (the main job) and `make test` (install, build, run the suite).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+export MAX_JOBS ?= 2
+# Short CI settings are passed through DEMO_ARGS; DATA points at a directory of Fashion-MNIST IDX files.
+DATA ?= /usr/share/datasets/fashion-mnist
+DEMO_ARGS ?=
+TOY_ARGS ?=
+
+.PHONY: install build test test-interp demo demo-toy bench-cpu clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.built: $(VENV)/.installed setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q -m "not gpu and not interp" tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m interp tests; rc=$$?; [ $$rc -eq 0 -o $$rc -eq 5 ]
+
+demo-toy: build
+	$(VENV)/bin/drift-toy --out outputs/toy $(TOY_ARGS)
+
+demo: demo-toy
+
+clean:
+	rm -rf build *.egg-info drift/_C*.so $(VENV)/.built
