@@ -1,0 +1,174 @@
+"""Feature keys: what the drifting field is computed on (paper §3.4 Eq. 13-14, App. A.5; SPEC §4).
+
+A feature extractor maps a batch of samples x [N, C, H, W] to a dict of feature keys, each a tensor
+[N, L, D]: L "locations" (independent drifting problems that share one feature scale and one drift scale)
+of D-dim vectors. The official key set for an encoder is
+
+* ``global``  the sample itself, flattened (the vanilla term)              [N, 1, C*H*W]
+* ``norm_x``  per-channel RMS of the encoder input, sqrt(mean_hw x^2 + 1e-6) [N, 1, C0]
+* for every encoder feature map ``name`` [N, C, H, W], 7 keys (`map_features`):
+  ``name`` (per-location vectors [N, H*W, C]), ``name_mean``/``name_std`` [N, 1, C], and the means/stds
+  over non-overlapping 2x2 and 4x4 patches ``name_mean_2``, ``name_std_2``, ``name_mean_4``, ``name_std_4``
+  [N, (H/p)(W/p), C]; a patch size is used only where it divides H (and W).
+
+The trainer groups rows per class with ``feat.view(N_c, G, L, D).transpose(1, 2)`` -> [N_c, L, G, D].
+
+`build_feature_extractor(name, **kw)` builds an extractor by name: ``"pixels"`` (no encoder, base keys
+only) and the encoder-backed names of `drift.encoders` (listed by `feature_extractor_names()`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+from torch import nn
+
+NORM_X_EPS = 1e-6  # official: sqrt(mean(x^2) + 1e-6)
+STD_EPS = 1e-6     # official: sqrt(var + 1e-6), in fp32
+PATCH_SIZES = (2, 4)
+
+
+def _check_map(arg: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{arg} must have shape [N, C, H, W], got {tuple(x.shape)}")
+
+
+def base_features(x: torch.Tensor, *, global_input: torch.Tensor | None = None) -> Dict[str, torch.Tensor]:
+    """The encoder-independent keys: ``global`` [N, 1, C*H*W] and ``norm_x`` [N, 1, C] (fp32).
+
+    ``norm_x`` is taken on `x` (the encoder input after any patchify, official); ``global`` flattens
+    `global_input` when given (e.g. the raw generator output when x is its patchified or decoded form),
+    otherwise x itself.
+    """
+    _check_map("x", x)
+    g = x if global_input is None else global_input
+    n = x.shape[0]
+    if g.shape[0] != n:
+        raise ValueError(f"global_input has batch {g.shape[0]}, x has {n}")
+    xf = x.float()
+    norm_x = torch.sqrt(xf.square().mean(dim=(2, 3)) + NORM_X_EPS)
+    return {"global": g.reshape(n, 1, -1), "norm_x": norm_x.unsqueeze(1)}
+
+
+def per_location(fmap: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, H*W, C] as a strided view of `fmap` (no copy for NCHW or channels_last maps)."""
+    n, c, h, w = fmap.shape
+    # permute is always a view; H and W are adjacent after it, so merging them is a view whenever
+    # stride(H) == W * stride(W), which holds for both contiguous and channels_last layouts.
+    return fmap.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+def _mean_std(t: torch.Tensor, dims, eps: float):
+    # Two-pass (mean, then centered second moment) in fp32: stable for maps with a large mean.
+    mean = t.mean(dim=dims, keepdim=True)
+    var = (t - mean).square().mean(dim=dims, keepdim=True)
+    return mean, torch.sqrt(var + eps)
+
+
+def map_features(name: str, fmap: torch.Tensor, patch_sizes: Sequence[int] = PATCH_SIZES,
+                 eps: float = STD_EPS) -> Dict[str, torch.Tensor]:
+    """The 7 keys of one feature map (fewer where a patch size does not divide the map); see module doc.
+
+    Per-location vectors keep fmap's dtype and share its storage; means and stds are fp32 (biased
+    variance, as jnp.var).
+    """
+    _check_map(f"feature map {name!r}", fmap)
+    n, c, h, w = fmap.shape
+    out = {name: per_location(fmap)}
+    f = fmap.float()
+    mean, std = _mean_std(f, (2, 3), eps)
+    out[f"{name}_mean"] = mean.view(n, 1, c)
+    out[f"{name}_std"] = std.view(n, 1, c)
+    for p in patch_sizes:
+        p = int(p)
+        if p < 1:
+            raise ValueError(f"patch_sizes must be positive, got {p}")
+        if h % p or w % p:
+            continue
+        t = f.reshape(n, c, h // p, p, w // p, p)
+        pm, ps = _mean_std(t, (3, 5), eps)
+        out[f"{name}_mean_{p}"] = pm.view(n, c, (h // p) * (w // p)).transpose(1, 2)
+        out[f"{name}_std_{p}"] = ps.view(n, c, (h // p) * (w // p)).transpose(1, 2)
+    return out
+
+
+class FeatureExtractor(nn.Module):
+    """Protocol of every extractor: ``forward(x [N, C, H, W]) -> dict[str, Tensor [N, L, D]]``.
+
+    Extractors are frozen (eval mode, no parameter gradients) but differentiable w.r.t. x, so the loss
+    gradient reaches the generator through them. `input_space` says what x is ("pixels" in [-1, 1] or
+    "latent"); the key names are fixed for a given input shape.
+    """
+
+    input_space: str = "any"
+
+    def freeze(self) -> "FeatureExtractor":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True):
+        # Feature encoders never switch to train mode inside the generator's trainer (GroupNorm has no
+        # running stats, but dropout / drop-path would otherwise turn on).
+        return super().train(False)
+
+    @torch.no_grad()
+    def describe(self, input_shape: Sequence[int]) -> Dict[str, tuple]:
+        """Key -> (L, D) for inputs of shape [N, *input_shape], computed on the meta device (instant)."""
+        params = list(self.parameters()) + list(self.buffers())
+        dev = params[0].device if params else torch.device("cpu")
+        if dev.type != "meta":
+            x = torch.zeros((1, *input_shape), device=dev)
+        else:
+            x = torch.zeros((1, *input_shape), device="meta")
+        return {k: tuple(v.shape[1:]) for k, v in self(x).items()}
+
+
+class PixelFeatures(FeatureExtractor):
+    """No encoder: only ``global`` and ``norm_x`` of the sample itself (the toy / no-encoder setting)."""
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return base_features(x)
+
+
+class CombinedFeatures(FeatureExtractor):
+    """Union of several extractors' keys; later extractors must not reuse an earlier key name."""
+
+    def __init__(self, parts: Sequence[FeatureExtractor]):
+        super().__init__()
+        if not parts:
+            raise ValueError("CombinedFeatures needs at least one extractor")
+        self.parts = nn.ModuleList(parts)
+        self.input_space = parts[0].input_space
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            for k, v in part(x).items():
+                if k in out:
+                    raise ValueError(f"feature key {k!r} produced twice by {type(part).__name__}")
+                out[k] = v
+        return out
+
+
+def feature_extractor_names():
+    """All names accepted by `build_feature_extractor`."""
+    from drift import encoders
+    return ("pixels",) + tuple(encoders.EXTRACTOR_NAMES)
+
+
+def build_feature_extractor(name: str = "pixels", **kw) -> FeatureExtractor:
+    """Build a frozen feature extractor by name ("pixels", or an encoder-backed name such as
+    "mae-latent", "mae-pixel", "mae-pixel+convnext", "resnet50"; see `feature_extractor_names()`).
+
+    Keyword arguments go to the encoder builder (e.g. ``weights=PATH``, ``width=640``, ``vae=PATH``).
+    """
+    if name == "pixels":
+        if kw:
+            raise TypeError(f"build_feature_extractor('pixels') takes no options, got {sorted(kw)}")
+        return PixelFeatures().freeze()
+    from drift import encoders  # lazy: encoders import this module
+    return encoders.build_extractor(name, **kw)
