@@ -1,0 +1,309 @@
+"""The paper's feature encoder: a ResNet-style masked autoencoder (paper §4, App. A.3; official `mae_model`).
+
+Encoder (`MAEResNetEncoder`):
+  patchify p x p (p=1 for 32x32x4 SD-VAE latents, p=8 for 256x256x3 pixels -> 32x32x192)
+  -> stem: 3x3 conv (stride 1) + GroupNorm + ReLU                                   -> map ``conv1``
+  -> 4 stages of basic blocks [3, 4, 6, 3], channels C, 2C, 4C, 8C, stride 2 at the first block of
+     stages 2-4; GroupNorm (up to 32 groups) everywhere; 1x1 conv + GN shortcut where the shape changes;
+     the output of every 2nd block is a map ``layer{s}_blk{k}``; each stage output also goes through an
+     extra GroupNorm -> map ``layer{s}`` (the next stage consumes the normalized output).
+Decoder (`MAEResNet.decoder`, pretraining only): U-Net: a 3x3 conv block on layer4, then 4 up-blocks
+  (bilinear resize to the skip's resolution -> concat skip -> GN -> 2x (3x3 conv + GN + ReLU)), with
+  skips layer3, layer2, layer1 and the stem output; a final 1x1 conv back to the patchified input
+  channels; unpatchified for pixel inputs.
+MAE objective (`MAEResNet.mae_loss`): zero each 2x2 patch of the 32x32 grid with probability 0.5 and
+  regress the input with an l2 loss on the masked region only (sum over masked elements / their count).
+Classification fine-tune: a linear head on the globally pooled (normalized) layer4.
+
+`MAEFeatures` turns the encoder into a feature extractor: ``global`` (the raw input), ``norm_x`` (RMS of
+the patchified input) and the 7 keys of each of the 12 maps: 86 keys for the official layout.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drift.features import FeatureExtractor, base_features, map_features
+
+MASK_RATIO = 0.5   # official: fixed
+MASK_PATCH = 2     # 2x2 patches of the 32x32 grid
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+    """Largest group count <= max_groups that divides `channels` (official: up to 32 groups)."""
+    for g in range(min(max_groups, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups(channels), channels, eps=1e-5)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C*p*p, H/p, W/p]; channel order (c, i, j) within a patch."""
+    if p == 1:
+        return x
+    n, c, h, w = x.shape
+    if h % p or w % p:
+        raise ValueError(f"input spatial size {h}x{w} is not divisible by patch_size={p}")
+    x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(n, c * p * p, h // p, w // p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of `patchify`."""
+    if p == 1:
+        return x
+    n, cpp, hp, wp = x.shape
+    c = cpp // (p * p)
+    x = x.reshape(n, c, p, p, hp, wp).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(n, c, hp * p, wp * p)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + GN, identity (or 1x1 conv + GN) shortcut, ReLU after the sum."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = group_norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = group_norm(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), group_norm(cout))
+
+    def forward(self, x):
+        h = F.relu(self.norm1(self.conv1(x)))
+        h = self.norm2(self.conv2(h))
+        s = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(h + s)
+
+
+class Stage(nn.Module):
+    def __init__(self, cin: int, cout: int, blocks: int, stride: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(blocks)])
+        self.norm = group_norm(cout)  # the official extra GroupNorm on each stage output
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    """Architecture of an MAE-ResNet; saved beside its weights so a checkpoint rebuilds itself."""
+    in_channels: int = 4          # channels of the raw input (4 latent, 3 RGB, 1 gray)
+    patch_size: int = 1           # 1 for latents, 8 for 256x256 pixels
+    width: int = 256              # C; stages have C, 2C, 4C, 8C channels (paper: 256 or 640)
+    layers: Tuple[int, ...] = (3, 4, 6, 3)
+    every_k_block: int = 2
+    num_classes: int = 1000       # classification fine-tune head (0: none)
+
+    @property
+    def patch_channels(self) -> int:
+        return self.in_channels * self.patch_size ** 2
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MAEConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"unknown MAE config fields {bad}")
+        d = dict(d)
+        if "layers" in d:
+            d["layers"] = tuple(int(v) for v in d["layers"])
+        return cls(**d)
+
+
+# Official presets (paper §8.1, Table 8): latent 32x32x4 with stride-1 stem; pixel 256x256x3 patchified 8x8.
+MAE_PRESETS = {
+    "latent": dict(in_channels=4, patch_size=1),
+    "pixel": dict(in_channels=3, patch_size=8),
+}
+
+
+class MAEResNetEncoder(nn.Module):
+    """The ResNet encoder; `forward` returns the ordered dict of named feature maps."""
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        if cfg.width < 1 or cfg.patch_size < 1 or cfg.in_channels < 1 or not cfg.layers or min(cfg.layers) < 1:
+            raise ValueError(f"invalid MAE config {cfg}")
+        self.cfg = cfg
+        c0, w = cfg.patch_channels, cfg.width
+        self.stem = nn.Sequential(nn.Conv2d(c0, w, 3, 1, 1, bias=False), group_norm(w), nn.ReLU())
+        stages, cin = [], w
+        for i, n in enumerate(cfg.layers):
+            cout = w * 2 ** i
+            stages.append(Stage(cin, cout, n, 1 if i == 0 else 2))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        self.out_channels = cin
+
+    def map_names(self) -> List[str]:
+        names = ["conv1"]
+        for s, n in enumerate(self.cfg.layers, start=1):
+            names += [f"layer{s}_blk{k}" for k in range(1, n + 1) if k % self.cfg.every_k_block == 0]
+            names.append(f"layer{s}")
+        return names
+
+    def forward(self, xp: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """xp: the patchified input [N, C0, H, W]. Returns {map name: [N, C, H, W]} in `map_names()` order."""
+        out = {}
+        h = self.stem(xp)
+        out["conv1"] = h
+        for s, stage in enumerate(self.stages, start=1):
+            for k, blk in enumerate(stage.blocks, start=1):
+                h = blk(h)
+                if k % self.cfg.every_k_block == 0:
+                    out[f"layer{s}_blk{k}"] = h
+            h = stage.norm(h)
+            out[f"layer{s}"] = h
+        return out
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), group_norm(cout), nn.ReLU())
+
+
+class UpBlock(nn.Module):
+    """Resize to the skip's resolution -> concat -> GN -> two 3x3 conv + GN + ReLU."""
+
+    def __init__(self, cin: int, cskip: int, cout: int):
+        super().__init__()
+        self.norm = group_norm(cin + cskip)
+        self.convs = nn.Sequential(_conv_block(cin + cskip, cout), _conv_block(cout, cout))
+
+    def forward(self, x, skip):
+        if x.shape[-2:] != skip.shape[-2:]:
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.convs(self.norm(torch.cat([x, skip], dim=1)))
+
+
+class UNetDecoder(nn.Module):
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        w, n = cfg.width, len(cfg.layers)
+        chans = [w * 2 ** i for i in range(n)]  # stage widths
+        self.center = _conv_block(chans[-1], chans[-1])
+        ups, cin = [], chans[-1]
+        # skips: stages n-1 .. 1, then the stem output (same resolution as stage 1)
+        skips = chans[-2::-1] + [w]
+        for cs in skips:
+            ups.append(UpBlock(cin, cs, cs))
+            cin = cs
+        self.ups = nn.ModuleList(ups)
+        self.out = nn.Conv2d(cin, cfg.patch_channels, 1)
+
+    def forward(self, maps: Dict[str, torch.Tensor], n_stages: int) -> torch.Tensor:
+        h = self.center(maps[f"layer{n_stages}"])
+        skips = [maps[f"layer{s}"] for s in range(n_stages - 1, 0, -1)] + [maps["conv1"]]
+        for up, skip in zip(self.ups, skips):
+            h = up(h, skip)
+        return self.out(h)
+
+
+def random_patch_mask(n: int, h: int, w: int, *, ratio: float = MASK_RATIO, patch: int = MASK_PATCH,
+                      generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """[N, 1, H, W] float mask, 1 = masked; each patch x patch block masked independently with prob `ratio`."""
+    if h % patch or w % patch:
+        raise ValueError(f"mask grid {h}x{w} is not divisible by the mask patch {patch}")
+    u = torch.rand(n, 1, h // patch, w // patch, generator=generator, device=device)
+    m = (u < ratio).float()
+    return m.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
+
+
+def masked_l2(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors over masked elements / number of masked elements (mask broadcast over C)."""
+    m = mask.expand_as(target).to(pred.dtype)
+    return ((pred - target).square() * m).sum() / m.sum().clamp_min(1.0)
+
+
+class MAEResNet(nn.Module):
+    """Encoder + U-Net decoder + classification head (the `drift-mae` training module)."""
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = MAEResNetEncoder(cfg)
+        self.decoder = UNetDecoder(cfg)
+        self.head = nn.Linear(self.encoder.out_channels, cfg.num_classes) if cfg.num_classes > 0 else None
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
+
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor):
+        """x [N, C, H, W] raw input; mask [N, 1, H/p, W/p] on the patchified grid.
+        Returns (prediction in patchified space, the encoder maps)."""
+        xp = patchify(x, self.cfg.patch_size)
+        maps = self.encoder(xp * (1.0 - mask.to(xp.dtype)))
+        pred = self.decoder(maps, len(self.cfg.layers))
+        return pred, maps
+
+    def mae_loss(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, cls_weight: float | torch.Tensor = 0.0,
+                 generator: torch.Generator | None = None, mask: torch.Tensor | None = None):
+        """Loss = (1 - cls_weight) * masked l2 + cls_weight * CE(head(pool(layer4)), labels).
+
+        Returns (loss, info) with info = {"recon", "ce", "acc", "mask_frac"} (detached scalars; ce/acc only
+        when labels are given and there is a head).
+        """
+        p = self.cfg.patch_size
+        n, _, h, w = x.shape
+        if mask is None:
+            mask = random_patch_mask(n, h // p, w // p, generator=generator, device=x.device)
+        pred, maps = self.reconstruct(x, mask)
+        target = patchify(x, p)
+        recon = masked_l2(pred.float(), target.float(), mask)
+        info = {"recon": recon.detach(), "mask_frac": mask.mean().detach()}
+        loss = recon
+        use_cls = labels is not None and self.head is not None and not (
+            isinstance(cls_weight, (int, float)) and cls_weight == 0)
+        if use_cls:
+            logits = self.head(maps[f"layer{len(self.cfg.layers)}"].float().mean(dim=(2, 3)))
+            ce = F.cross_entropy(logits, labels)
+            loss = cls_weight * ce + (1.0 - cls_weight) * recon
+            info["ce"] = ce.detach()
+            info["acc"] = (logits.argmax(-1) == labels).float().mean().detach()
+        return loss, info
+
+    def predict_image(self, pred: torch.Tensor) -> torch.Tensor:
+        """Decoder output (patchified) -> input space (unpatchified for pixel inputs)."""
+        return unpatchify(pred, self.cfg.patch_size)
+
+
+class MAEFeatures(FeatureExtractor):
+    """Frozen MAE-ResNet encoder as a feature extractor (official `get_activations` key set)."""
+
+    def __init__(self, encoder: MAEResNetEncoder, input_space: str | None = None):
+        super().__init__()
+        self.encoder = encoder
+        cfg = encoder.cfg
+        self.input_space = input_space or ("latent" if cfg.patch_size == 1 and cfg.in_channels == 4 else "pixels")
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        cfg = self.encoder.cfg
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"MAE encoder expects x [N, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        xp = patchify(x, cfg.patch_size)
+        out = base_features(xp, global_input=x)
+        for name, fmap in self.encoder(xp).items():
+            out.update(map_features(name, fmap))
+        return out
+
+
+def count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+__all__ = ["MAEConfig", "MAE_PRESETS", "MAEResNet", "MAEResNetEncoder", "MAEFeatures", "patchify", "unpatchify",
+           "random_patch_mask", "masked_l2", "num_groups", "count_params"]

@@ -1,0 +1,130 @@
+"""MAE-ResNet model: the 86 official keys, masking, the masked loss, decoder shapes, cls fine-tune loss."""
+import pytest
+import torch
+
+from drift.encoders import MAEConfig, MAEFeatures, MAEResNet, MAEResNetEncoder, build_extractor
+from drift.encoders.mae_resnet import masked_l2, num_groups, patchify, random_patch_mask, unpatchify
+
+OFFICIAL_MAPS = ["conv1", "layer1_blk2", "layer1", "layer2_blk2", "layer2_blk4", "layer2", "layer3_blk2",
+                 "layer3_blk4", "layer3_blk6", "layer3", "layer4_blk2", "layer4"]
+
+
+def _tiny(**kw):
+    d = dict(in_channels=4, patch_size=1, width=4, layers=(1, 2, 1, 1), num_classes=5)
+    d.update(kw)
+    return MAEConfig(**d)
+
+
+@pytest.mark.parametrize("space", ["latent", "pixel"])
+def test_official_w640_has_86_keys_with_official_shapes(space):
+    cfg = MAEConfig(width=640, in_channels=4, patch_size=1) if space == "latent" else \
+        MAEConfig(width=640, in_channels=3, patch_size=8)
+    with torch.device("meta"):  # instant: no memory, no compute
+        enc = MAEResNetEncoder(cfg)
+    assert enc.map_names() == OFFICIAL_MAPS
+    x = torch.zeros(2, 4, 32, 32, device="meta") if space == "latent" else torch.zeros(2, 3, 256, 256, device="meta")
+    feats = MAEFeatures(enc)(x)
+    assert len(feats) == 86
+    c0 = 4 if space == "latent" else 192
+    assert feats["global"].shape == (2, 1, 4096 if space == "latent" else 196608)
+    assert feats["norm_x"].shape == (2, 1, c0)
+    sizes = {"conv1": 32, "layer1": 32, "layer2": 16, "layer3": 8, "layer4": 4}
+    for m in OFFICIAL_MAPS:
+        stage = m.split("_")[0]
+        hw = sizes[stage]
+        c = 640 * (2 ** (int(stage[-1]) - 1) if stage != "conv1" else 1)
+        assert feats[m].shape == (2, hw * hw, c), m
+        assert feats[f"{m}_mean"].shape == feats[f"{m}_std"].shape == (2, 1, c)
+        for p in (2, 4):
+            assert feats[f"{m}_mean_{p}"].shape == feats[f"{m}_std_{p}"].shape == (2, (hw // p) ** 2, c)
+
+
+def test_group_counts():
+    assert num_groups(640) == 32 and num_groups(256) == 32 and num_groups(8) == 8 and num_groups(12) == 12
+    assert num_groups(40) == 20
+    m = MAEResNetEncoder(MAEConfig(width=64))
+    gns = [mod for mod in m.modules() if isinstance(mod, torch.nn.GroupNorm)]
+    assert gns and all(g.num_groups == 32 for g in gns)
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(2, 3, 16, 16)
+    p = patchify(x, 8)
+    assert p.shape == (2, 192, 2, 2)
+    assert torch.equal(unpatchify(p, 8), x)
+    assert torch.equal(p[1, :, 1, 0].view(3, 8, 8), x[1, :, 8:16, 0:8])
+    with pytest.raises(ValueError, match="not divisible by patch_size=8"):
+        patchify(torch.randn(1, 3, 12, 12), 8)
+
+
+def test_mask_ratio_and_structure():
+    g = torch.Generator().manual_seed(0)
+    m = random_patch_mask(64, 32, 32, generator=g)
+    assert m.shape == (64, 1, 32, 32)
+    assert abs(m.mean().item() - 0.5) < 0.02  # 16384 independent patches: sd 0.004
+    blocks = m.view(64, 1, 16, 2, 16, 2)
+    assert torch.equal(blocks.amin(dim=(3, 5)), blocks.amax(dim=(3, 5)))  # constant on each 2x2 patch
+    with pytest.raises(ValueError, match="not divisible"):
+        random_patch_mask(1, 5, 5)
+
+
+def test_masked_loss_ignores_unmasked_predictions():
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(2, 3, 8, 8, generator=g)
+    pred = torch.randn(2, 3, 8, 8, generator=g)
+    mask = random_patch_mask(2, 8, 8, generator=g)
+    loss = masked_l2(pred, target, mask)
+    pred2 = pred + 10.0 * (1 - mask) * torch.randn(2, 3, 8, 8, generator=g)  # change only visible positions
+    assert torch.equal(masked_l2(pred2, target, mask), loss)
+    pred3 = pred + mask * 1.0
+    assert masked_l2(pred3, target, mask) != loss
+    ref = ((pred - target) ** 2 * mask).sum() / (mask.sum() * 3)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_model_loss_only_sees_masked_input_and_decoder_shapes():
+    torch.manual_seed(0)
+    model = MAEResNet(_tiny(in_channels=3, patch_size=2))
+    x = torch.randn(2, 3, 16, 16)
+    mask = random_patch_mask(2, 8, 8, generator=torch.Generator().manual_seed(3))
+    pred, maps = model.reconstruct(x, mask)
+    assert pred.shape == (2, 12, 8, 8)
+    assert model.predict_image(pred).shape == x.shape
+    loss, info = model.mae_loss(x, mask=mask)
+    # changing the input where it is masked changes nothing the encoder sees; the target changes there,
+    # so instead check invariance of the prediction
+    mask_px = unpatchify(mask.expand(2, 12, 8, 8), 2)
+    x2 = x + mask_px * torch.randn_like(x)
+    pred2, _ = model.reconstruct(x2, mask)
+    torch.testing.assert_close(pred2, pred)
+    assert abs(info["mask_frac"].item() - mask.mean().item()) < 1e-6
+    loss.backward()
+    assert model.encoder.stem[0].weight.grad.abs().sum() > 0 and model.decoder.out.weight.grad.abs().sum() > 0
+
+
+def test_cls_weight_mixes_losses():
+    torch.manual_seed(0)
+    model = MAEResNet(_tiny())
+    x = torch.randn(3, 4, 8, 8)
+    y = torch.tensor([0, 1, 4])
+    mask = random_patch_mask(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    l0, i0 = model.mae_loss(x, y, cls_weight=0.0, mask=mask)
+    assert "ce" not in i0 and torch.equal(l0, i0["recon"])
+    l1, i1 = model.mae_loss(x, y, cls_weight=0.1, mask=mask)
+    torch.testing.assert_close(l1, 0.1 * i1["ce"] + 0.9 * i1["recon"])
+
+
+def test_extractor_is_frozen_but_differentiable():
+    ex = build_extractor("mae", width=4, in_channels=1, patch_size=1, layers=(1, 1, 1, 1))
+    assert not any(p.requires_grad for p in ex.parameters()) and not ex.training
+    ex.train()
+    assert not ex.training
+    x = torch.randn(2, 1, 16, 16, requires_grad=True)
+    feats = ex(x)
+    # maps conv1, layer1..4 (one block per stage: no blk keys) at 16,16,8,4,2; layer4 (2x2) has no 4x4 keys
+    assert len(feats) == 2 + 4 * 7 + 5
+    sum(v.float().square().mean() for v in feats.values()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"expects x \[N, 1, H, W\]"):
+        ex(torch.randn(2, 3, 16, 16))
