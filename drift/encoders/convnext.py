@@ -1,0 +1,198 @@
+"""ConvNeXt-V2 feature keys for pixel generators (paper Table 9; official: `facebook/convnextv2-base-22k-224`).
+
+`ConvNeXtV2` is our own implementation of the architecture (Woo et al. 2023: patchify stem, stages of
+depthwise 7x7 conv -> LayerNorm -> 4x MLP with GELU and Global Response Normalization, LN + 2x2 conv
+downsampling). Its state_dict names match the `transformers` ConvNextV2 checkpoints, so the weights of
+``facebook/convnextv2-base-22k-224`` load from a local file:
+
+* ``model.safetensors`` or ``pytorch_model.bin`` of that repository (or the directory holding them), i.e. a
+  state_dict with keys ``convnextv2.embeddings.patch_embeddings.weight``, ``convnextv2.encoder.stages.{i}.
+  layers.{j}.dwconv.weight``, ..., ``convnextv2.layernorm.weight``, ``classifier.*`` (the classifier is ignored;
+  keys without the ``convnextv2.`` prefix, as saved by ConvNextV2Model, work too);
+* or a ``torch.save`` of `ConvNeXtV2.state_dict()`.
+
+Features (`ConvNeXtFeatures`, official recipe): x in [-1, 1] -> [0, 1] -> ImageNet mean/std -> bilinear
+resize to 224 (antialiased when shrinking, like jax.image.resize) -> the 4 stage outputs, each standardized per
+location over channels (eps 1e-3). Keys (13): per-location ``convnext_stage{1,2,3}``; ``convnext_stage{0..3}_mean``
+and ``_std`` (over locations); ``convnext_global_mean`` (the final LayerNorm of the pooled last stage, as the
+classifier sees it) and ``convnext_global_std`` (the std over locations of the last stage output; the official
+definition of this one key is not public, so this is our reading).
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drift.features import FeatureExtractor, base_features, per_location
+
+BASE_DEPTHS = (3, 3, 27, 3)
+BASE_DIMS = (128, 256, 512, 1024)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STANDARDIZE_EPS = 1e-3  # official per-location standardization eps
+STD_EPS = 1e-6
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """Global Response Normalization on channels-last input [N, H, W, C]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x):
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)  # per-channel energy over space
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)                    # relative to the channel mean
+        return self.weight * (x * nx) + self.bias + x
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.layernorm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.pwconv2(self.grn(F.gelu(self.pwconv1(self.layernorm(h)))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class Stage(nn.Module):
+    def __init__(self, cin: int, cout: int, depth: int, downsample: bool):
+        super().__init__()
+        # ModuleList (not Sequential) so the parameter names are downsampling_layer.{0,1}.* as in transformers
+        self.downsampling_layer = nn.ModuleList(
+            [LayerNorm2d(cin, eps=1e-6), nn.Conv2d(cin, cout, 2, 2)] if downsample else [])
+        self.layers = nn.ModuleList([Block(cout) for _ in range(depth)])
+
+    def forward(self, x):
+        for m in self.downsampling_layer:
+            x = m(x)
+        for m in self.layers:
+            x = m(x)
+        return x
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cin: int, dim: int, patch: int):
+        super().__init__()
+        self.patch_embeddings = nn.Conv2d(cin, dim, patch, patch)
+        self.layernorm = LayerNorm2d(dim, eps=1e-6)
+
+    def forward(self, x):
+        return self.layernorm(self.patch_embeddings(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, depths, dims):
+        super().__init__()
+        self.stages = nn.ModuleList(
+            [Stage(dims[max(i - 1, 0)], dims[i], depths[i], downsample=i > 0) for i in range(len(depths))])
+
+
+class ConvNeXtV2(nn.Module):
+    """ConvNeXt-V2 trunk; `forward(x)` -> (list of stage outputs [N, C_i, H_i, W_i], pooled + LayerNorm [N, C])."""
+
+    def __init__(self, depths: Sequence[int] = BASE_DEPTHS, dims: Sequence[int] = BASE_DIMS, in_channels: int = 3,
+                 patch_size: int = 4, layer_norm_eps: float = 1e-12):
+        super().__init__()
+        if len(depths) != len(dims) or not depths:
+            raise ValueError(f"depths {list(depths)} and dims {list(dims)} must be non-empty and of equal length")
+        self.depths, self.dims = tuple(depths), tuple(dims)
+        self.embeddings = Embeddings(in_channels, dims[0], patch_size)
+        self.encoder = Encoder(depths, dims)
+        self.layernorm = nn.LayerNorm(dims[-1], eps=layer_norm_eps)  # transformers' config.layer_norm_eps
+
+    def forward(self, x):
+        h = self.embeddings(x)
+        outs = []
+        for st in self.encoder.stages:
+            h = st(h)
+            outs.append(h)
+        return outs, self.layernorm(h.mean(dim=(2, 3)))
+
+
+def _standardize(f: torch.Tensor) -> torch.Tensor:
+    f = f.float()
+    mu = f.mean(dim=1, keepdim=True)
+    var = (f - mu).square().mean(dim=1, keepdim=True)
+    return (f - mu) / torch.sqrt(var + STANDARDIZE_EPS)
+
+
+def _mean_std_hw(f: torch.Tensor):
+    n, c = f.shape[:2]
+    mu = f.mean(dim=(2, 3))
+    var = (f - mu[:, :, None, None]).square().mean(dim=(2, 3))
+    return mu.view(n, 1, c), torch.sqrt(var + STD_EPS).view(n, 1, c)
+
+
+class ConvNeXtFeatures(FeatureExtractor):
+    """The 13 official ConvNeXt-V2 keys (plus ``global``/``norm_x`` when `with_base`)."""
+
+    input_space = "pixels"
+
+    def __init__(self, model: ConvNeXtV2, resolution: int = 224, with_base: bool = False, prefix: str = "convnext"):
+        super().__init__()
+        self.model = model
+        self.resolution = resolution
+        self.with_base = with_base
+        self.prefix = prefix
+        dev = next(model.parameters()).device
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"ConvNeXt features expect RGB x [N, 3, H, W] in [-1, 1], got {tuple(x.shape)}")
+        h = ((x.float() + 1.0) * 0.5 - self.mean) / self.std
+        if h.shape[-2:] != (self.resolution, self.resolution):
+            shrink = h.shape[-1] > self.resolution or h.shape[-2] > self.resolution
+            h = F.interpolate(h, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False,
+                              antialias=shrink)
+        return h
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = base_features(x) if self.with_base else {}
+        stages, pooled = self.model(self.preprocess(x))
+        p = self.prefix
+        for i, f in enumerate(stages):
+            z = _standardize(f)
+            if i > 0:
+                out[f"{p}_stage{i}"] = per_location(z)
+            out[f"{p}_stage{i}_mean"], out[f"{p}_stage{i}_std"] = _mean_std_hw(z)
+        out[f"{p}_global_mean"] = pooled.float().unsqueeze(1)
+        out[f"{p}_global_std"] = _mean_std_hw(stages[-1].float())[1]
+        return out
+
+
+def build_convnext(weights=None, *, depths=BASE_DEPTHS, dims=BASE_DIMS, device=None) -> ConvNeXtV2:
+    """ConvNeXt-V2 (Base by default) with weights from a local file (see module docstring); random if None."""
+    from drift.encoders.weights import load_into, read_weights, strip_prefixes
+    with torch.device(device or "cpu"):
+        model = ConvNeXtV2(depths, dims)
+    if weights is not None:
+        sd, _ = read_weights(weights)
+        sd = strip_prefixes(sd, ("convnextv2.",))
+        load_into(model, weights, sd, ignore_prefixes=("classifier.",))
+    return model
+
+
+def build_convnext_features(weights=None, *, device=None, with_base=False, resolution=224,
+                            depths=BASE_DEPTHS, dims=BASE_DIMS) -> ConvNeXtFeatures:
+    return ConvNeXtFeatures(build_convnext(weights, depths=depths, dims=dims, device=device),
+                            resolution=resolution, with_base=with_base).freeze()
