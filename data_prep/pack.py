@@ -1,0 +1,407 @@
+"""Packing driver: sources (ImageFolder, IDX) → shuffled, resumable, byte-reproducible tar shards + index + manifest.
+
+Shard k holds the accepted samples among positions [k*shard_size, (k+1)*shard_size) of the seeded global
+permutation of all candidate files. Defining shards over candidates (not over accepted samples) makes every
+shard's content a function of its own slice only, so a rerun can keep any finished shard and redo the rest in
+any order; the price is that shards with rejected files hold slightly fewer than `shard_size` samples.
+
+Progress lives in `OUT/.drift-prep-progress.json`: a fingerprint of the inputs and settings, plus one record per
+finished shard (sha256 of the tar and the index, counts, rejects). A shard is trusted on rerun only if the
+fingerprint matches and the file on disk still hashes to the recorded value.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import random
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from data_prep.images import Packed, Rejected, encode_png, find_idx_pair, pack_image, read_idx
+from drift import schema
+
+PROGRESS_NAME = ".drift-prep-progress.json"
+TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z, pinned so that tar headers (and so shard bytes) are reproducible
+FAIL_ENV = "DRIFT_PREP_FAIL_AFTER_SHARDS"  # test hook: raise after this many shards were written by this run
+
+
+@dataclass
+class Candidate:
+    """One input file (or IDX record): `source` is what the manifest reports, `stem` seeds the key hint."""
+    source: str
+    label: int
+    stem: str
+    ref: object            # absolute path (imagefolder) or record index (idx)
+
+
+@dataclass
+class Settings:
+    seed: int = 0
+    size: Optional[int] = None
+    shard_size: int = 10000
+    workers: int = 1
+    min_side: int = 8
+    quality: int = 95
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def scan_imagefolder(src: str) -> Tuple[List[str], List[Candidate], List[dict], int]:
+    """ImageNet layout SRC/<class>/**/<file>. Returns (classes, candidates, scan rejects, files seen).
+
+    Classes are the sorted names of the sub-directories of SRC, empty ones included, so that the class map of
+    train/ and val/ agree. Files outside a class folder and hidden files are counted and rejected with a reason.
+    """
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"SRC {src!r} is not a directory")
+    classes, rejected, seen = [], [], 0
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=True):
+            if not entry.name.startswith("."):
+                classes.append(entry.name)
+        else:
+            seen += 1
+            rejected.append({"path": entry.name, "reason": "not inside a class folder"})
+    if not classes:
+        raise ValueError(f"SRC {src!r} has no class sub-directories (expected SRC/<class>/<image files>)")
+    cands: List[Candidate] = []
+    for label, cname in enumerate(classes):
+        root = os.path.join(src, cname)
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: rejected.append(
+                {"path": os.path.relpath(e.filename, src), "reason": f"unreadable directory: {e.strerror}"})):
+            dirnames.sort()
+            for fn in filenames:
+                files.append(os.path.join(dirpath, fn))
+        for path in sorted(files):
+            rel = os.path.relpath(path, src)
+            seen += 1
+            if os.path.basename(path).startswith("."):
+                rejected.append({"path": rel, "reason": "hidden file"})
+                continue
+            stem = os.path.splitext(os.path.basename(path))[0]
+            cands.append(Candidate(rel, label, stem, path))
+    return classes, cands, rejected, seen
+
+
+def scan_idx(src: str, split: str, class_names: Optional[Sequence[str]] = None):
+    """IDX image + label files of `split` → (classes, candidates, images array, labels array)."""
+    img_path, lab_path = find_idx_pair(src, split)
+    images = read_idx(img_path)
+    labels = read_idx(lab_path)
+    if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[3] != 3):
+        raise ValueError(f"{img_path}: expected uint8 images [N, H, W] or [N, H, W, 3], got {images.dtype} "
+                         f"{images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{lab_path}: expected {len(images)} labels, got shape {labels.shape}")
+    if labels.min() < 0:
+        raise ValueError(f"{lab_path}: negative labels")
+    num_classes = int(labels.max()) + 1
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+    elif len(class_names) < num_classes:
+        raise ValueError(f"--class-names gives {len(class_names)} names but labels go up to {num_classes - 1}")
+    base = os.path.basename(img_path)
+    cands = [Candidate(f"{base}[{i}]", int(labels[i]), f"{split}{i:06d}", i) for i in range(len(images))]
+    return list(class_names), cands, images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers (fork start method: the IDX array and settings are inherited, not pickled per task)
+
+_WORKER: Dict[str, object] = {}
+
+
+def _work(task: Tuple[int, Candidate]):
+    pos, cand = task
+    s: Settings = _WORKER["settings"]
+    try:
+        if isinstance(cand.ref, str):
+            try:
+                with open(cand.ref, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise Rejected(f"unreadable: {type(e).__name__}: {e.strerror or e}") from None
+            if not data:
+                raise Rejected("empty file")
+            packed = pack_image(data, size=s.size, min_side=s.min_side, quality=s.quality)
+        else:
+            arr = _WORKER["images"][cand.ref]
+            if s.size is not None and s.size != arr.shape[0]:
+                from PIL import Image
+                from data_prep.images import center_crop_adm
+                img = center_crop_adm(Image.fromarray(arr), s.size)
+                arr = np.asarray(img)
+            packed = Packed(encode_png(np.ascontiguousarray(arr)), "png", "L" if arr.ndim == 2 else "RGB",
+                            arr.shape[1], arr.shape[0], "encoded from IDX")
+        return pos, packed, None
+    except Rejected as e:
+        return pos, None, str(e)
+    except Exception as e:  # never let one odd file kill a multi-hour packing run; it is reported instead
+        return pos, None, f"unexpected error: {type(e).__name__}: {e}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shard writing
+
+
+class _HashingFile:
+    """Write-through wrapper that hashes and counts bytes (tarfile needs write() and tell())."""
+
+    def __init__(self, f):
+        self.f, self.h, self.pos = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.f.write(b)
+        self.h.update(b)
+        self.pos += len(b)
+        return len(b)
+
+    def tell(self):
+        return self.pos
+
+
+def _add_member(tf: tarfile.TarFile, out: _HashingFile, name: str, data: bytes) -> int:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    ti.mtime = TAR_MTIME
+    ti.mode = 0o444
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    tf.addfile(ti, io.BytesIO(data))
+    return out.pos - ((len(data) + 511) // 512) * 512  # data offset = end of the padded data minus its length
+
+
+def write_shard(out_dir: str, name: str, samples: List[Tuple[str, Packed, int]], width: int) -> Tuple[str, str]:
+    """Write `samples` [(key, packed, label)] as `name` (+ its index) via temporary names; return the sha256s."""
+    path = os.path.join(out_dir, name)
+    idx_path = os.path.join(out_dir, schema.index_name(name))
+    tmp = path + ".partial"
+    entries = []
+    with open(tmp, "wb") as f:
+        hf = _HashingFile(f)
+        # GNU format: older DALI releases read only GNU tars (PAX headers broke them); keys are short ASCII anyway
+        with tarfile.open(fileobj=hf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+            for key, packed, label in samples:
+                comps = []
+                for ext, data in sorted([(schema.LABEL_EXT, schema.encode_cls(label, width)),
+                                         (packed.ext, packed.data)]):
+                    member = f"{key}.{ext}"
+                    off = _add_member(tf, hf, member, data)
+                    comps.append((ext, off, len(data), member))
+                entries.append(comps)
+        f.flush()
+        os.fsync(f.fileno())
+    idx_text = schema.format_index(entries).encode("ascii")
+    with open(idx_path + ".partial", "wb") as f:
+        f.write(idx_text)
+    os.replace(idx_path + ".partial", idx_path)
+    os.replace(tmp, path)  # the tar appears under its final name only when complete
+    return hf.h.hexdigest(), hashlib.sha256(idx_text).hexdigest()
+
+
+def sha256_file(path: str, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(bufsize)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _shard_done(out_dir: str, rec: dict) -> bool:
+    if rec["num_samples"] == 0:
+        return True
+    tar = os.path.join(out_dir, rec["name"])
+    idx = os.path.join(out_dir, schema.index_name(rec["name"]))
+    return (os.path.isfile(tar) and os.path.isfile(idx) and sha256_file(tar) == rec["sha256"]
+            and sha256_file(idx) == rec["index_sha256"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def pack(out_dir: str, classes: List[str], cands: List[Candidate], settings: Settings, *,
+         source_kind: str, source: str, scan_rejected: Sequence[dict] = (), files_seen: Optional[int] = None,
+         idx_images: Optional[np.ndarray] = None, log: Callable[[str], None] = print) -> dict:
+    """Shuffle `cands` with the seed, write shards (keeping finished ones from an earlier run), write the manifest."""
+    from tqdm import tqdm
+
+    if settings.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {settings.shard_size}")
+    if settings.size is not None and settings.size < 1:
+        raise ValueError(f"--size must be >= 1, got {settings.size}")
+    os.makedirs(out_dir, exist_ok=True)
+    width = schema.cls_width(len(classes))
+    fingerprint = hashlib.sha256(json.dumps({
+        "kind": source_kind, "classes": classes, "seed": settings.seed, "size": settings.size,
+        "shard_size": settings.shard_size, "min_side": settings.min_side, "quality": settings.quality,
+        "items": [(c.source, c.label) for c in cands],
+        "stats": [_stat(c.ref) for c in cands] if source_kind == "imagefolder" else None,
+        "idx": hashlib.sha256(idx_images.tobytes()).hexdigest() if idx_images is not None else None,
+    }, sort_keys=True).encode()).hexdigest()
+
+    order = list(range(len(cands)))
+    random.Random(settings.seed).shuffle(order)
+    n_shards = (len(order) + settings.shard_size - 1) // settings.shard_size
+
+    progress_path = os.path.join(out_dir, PROGRESS_NAME)
+    records: Dict[str, dict] = {}
+    if os.path.isfile(progress_path):
+        try:
+            with open(progress_path, encoding="utf-8") as f:
+                prev = json.load(f)
+            if prev.get("fingerprint") == fingerprint:
+                records = prev.get("shards", {})
+            else:
+                log("drift-prep: inputs or settings changed since the previous run in this directory; "
+                    "repacking every shard")
+        except (OSError, json.JSONDecodeError):
+            log(f"drift-prep: ignoring unreadable progress record {progress_path}")
+    kept = {}
+    for name, rec in records.items():
+        if _shard_done(out_dir, rec):
+            kept[name] = rec
+        else:
+            log(f"drift-prep: {name} is missing or differs from its progress record; redoing it")
+    records = kept
+    for fn in os.listdir(out_dir):  # leftovers of an interrupted run
+        if fn.endswith(".partial"):
+            os.remove(os.path.join(out_dir, fn))
+
+    def save_progress():
+        schema.write_json_atomic(progress_path, {"fingerprint": fingerprint, "shards": records})
+
+    pending = [k for k in range(n_shards) if schema.shard_name(k) not in records]
+    done_items = sum(min(settings.shard_size, len(order) - k * settings.shard_size)
+                     for k in range(n_shards) if schema.shard_name(k) in records)
+    if records:
+        log(f"drift-prep: keeping {len(records)} finished shard(s), writing {len(pending)}")
+    fail_after = int(os.environ.get(FAIL_ENV, "-1"))
+    written = 0
+
+    tasks = ((pos, cands[order[pos]]) for k in pending
+             for pos in range(k * settings.shard_size, min((k + 1) * settings.shard_size, len(order))))
+    _WORKER["settings"] = settings
+    _WORKER["images"] = idx_images
+    pool = None
+    if settings.workers > 1:
+        pool = mp.get_context("fork").Pool(settings.workers)
+        results = pool.imap(_work, tasks, chunksize=32)
+    else:
+        results = map(_work, tasks)
+    bar = tqdm(total=len(order), initial=done_items, unit="img", desc="drift-prep", dynamic_ncols=True,
+               disable=not settings.progress, smoothing=0.05)
+    try:
+        for k in pending:
+            lo, hi = k * settings.shard_size, min((k + 1) * settings.shard_size, len(order))
+            samples, rejected = [], []
+            class_counts = [0] * len(classes)
+            modes, exts, actions = Counter(), Counter(), Counter()
+            sizes = Counter()
+            for _ in range(lo, hi):
+                pos, packed, reason = next(results)
+                cand = cands[order[pos]]
+                if packed is None:
+                    rejected.append({"path": cand.source, "reason": reason})
+                else:
+                    samples.append((schema.make_key(pos, cand.stem), packed, cand.label))
+                    class_counts[cand.label] += 1
+                    modes[packed.mode] += 1
+                    exts[packed.ext] += 1
+                    actions["kept" if packed.action == "kept" else packed.action.split(":")[0]] += 1
+                    sizes[f"{packed.width}x{packed.height}"] += 1
+                bar.update(1)
+            name = schema.shard_name(k)
+            rec = {"name": name, "num_samples": len(samples), "rejected": rejected,
+                   "class_counts": class_counts, "modes": dict(modes), "exts": dict(exts),
+                   "actions": dict(actions), "sizes": dict(sizes)}
+            if samples:
+                rec["sha256"], rec["index_sha256"] = write_shard(out_dir, name, samples, width)
+            else:  # nothing accepted in this slice: no file (DALI refuses empty tars); the gap is in the manifest
+                for stale in (name, schema.index_name(name)):
+                    if os.path.exists(os.path.join(out_dir, stale)):
+                        os.remove(os.path.join(out_dir, stale))
+            records[name] = rec
+            save_progress()
+            written += 1
+            if written == fail_after:
+                raise RuntimeError(f"{FAIL_ENV}={fail_after}: injected failure after writing {name}")
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _WORKER.clear()
+
+    manifest = _manifest(classes, records, n_shards, settings, source_kind, source, scan_rejected,
+                         len(cands) + len(scan_rejected) if files_seen is None else files_seen, width)
+    schema.write_json_atomic(os.path.join(out_dir, schema.MANIFEST_NAME), manifest)
+    return manifest
+
+
+def _stat(path) -> Tuple[int, int]:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+def _manifest(classes, records, n_shards, settings, source_kind, source, scan_rejected, files_seen, width):
+    shards, rejected = [], list(scan_rejected)
+    class_counts = [0] * len(classes)
+    modes, exts, actions, sizes = Counter(), Counter(), Counter(), Counter()
+    for k in range(n_shards):
+        rec = records[schema.shard_name(k)]
+        rejected.extend(rec["rejected"])
+        for i, c in enumerate(rec["class_counts"]):
+            class_counts[i] += c
+        for agg, key in ((modes, "modes"), (exts, "exts"), (actions, "actions"), (sizes, "sizes")):
+            agg.update(rec[key])
+        if rec["num_samples"]:
+            shards.append({"name": rec["name"], "num_samples": rec["num_samples"], "sha256": rec["sha256"],
+                           "index": schema.index_name(rec["name"]), "index_sha256": rec["index_sha256"]})
+    num_samples = sum(s["num_samples"] for s in shards)
+    if num_samples + len(rejected) != files_seen:  # the bookkeeping promise of SPEC §10; a bug if it breaks
+        raise AssertionError(f"internal: {num_samples} samples + {len(rejected)} rejected != {files_seen} seen")
+    only_size = next(iter(sizes)) if len(sizes) == 1 else None
+    return {
+        "format_version": schema.FORMAT_VERSION,
+        "source_kind": source_kind,
+        "source": os.path.abspath(source),
+        "num_samples": num_samples,
+        "num_classes": len(classes),
+        "classes": classes,
+        "class_counts": class_counts,
+        "empty_classes": [c for c, n in zip(classes, class_counts) if n == 0],
+        "files_seen": files_seen,
+        "shards": shards,
+        "rejected": rejected,
+        "channels": 1 if set(modes) <= {"L"} and modes else 3,
+        "image_modes": dict(modes),
+        "image_exts": dict(exts),
+        "image_size": [int(v) for v in only_size.split("x")][::-1] if only_size else None,  # [H, W] if uniform
+        "actions": dict(actions),
+        "cls_width": width,
+        "seed": settings.seed,
+        "size": settings.size,
+        "shard_size": settings.shard_size,
+        "min_side": settings.min_side,
+        "quality": settings.quality,
+        "created_by": "drift-prep",
+    }
