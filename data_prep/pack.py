@@ -309,7 +309,7 @@ def pack(out_dir: str, classes: List[str], cands: List[Candidate], settings: Set
     try:
         for k in pending:
             lo, hi = k * settings.shard_size, min((k + 1) * settings.shard_size, len(order))
-            samples, rejected = [], []
+            samples, rejected, normalized = [], [], []
             class_counts = [0] * len(classes)
             modes, exts, actions = Counter(), Counter(), Counter()
             sizes = Counter()
@@ -323,11 +323,15 @@ def pack(out_dir: str, classes: List[str], cands: List[Candidate], settings: Set
                     class_counts[cand.label] += 1
                     modes[packed.mode] += 1
                     exts[packed.ext] += 1
-                    actions["kept" if packed.action == "kept" else packed.action.split(":")[0]] += 1
+                    actions[packed.action] += 1
+                    # with --size every file is re-encoded; then the counts in `actions` say enough
+                    if packed.action != "kept" and settings.size is None:
+                        normalized.append({"path": cand.source, "action": packed.action})
                     sizes[f"{packed.width}x{packed.height}"] += 1
                 bar.update(1)
             name = schema.shard_name(k)
             rec = {"name": name, "num_samples": len(samples), "rejected": rejected,
+                   "normalized": normalized if source_kind == "imagefolder" else [],
                    "class_counts": class_counts, "modes": dict(modes), "exts": dict(exts),
                    "actions": dict(actions), "sizes": dict(sizes)}
             if samples:
@@ -363,12 +367,13 @@ def _stat(path) -> Tuple[int, int]:
 
 
 def _manifest(classes, records, n_shards, settings, source_kind, source, scan_rejected, files_seen, width):
-    shards, rejected = [], list(scan_rejected)
+    shards, rejected, normalized = [], list(scan_rejected), []
     class_counts = [0] * len(classes)
     modes, exts, actions, sizes = Counter(), Counter(), Counter(), Counter()
     for k in range(n_shards):
         rec = records[schema.shard_name(k)]
         rejected.extend(rec["rejected"])
+        normalized.extend(rec["normalized"])
         for i, c in enumerate(rec["class_counts"]):
             class_counts[i] += c
         for agg, key in ((modes, "modes"), (exts, "exts"), (actions, "actions"), (sizes, "sizes")):
@@ -392,6 +397,7 @@ def _manifest(classes, records, n_shards, settings, source_kind, source, scan_re
         "files_seen": files_seen,
         "shards": shards,
         "rejected": rejected,
+        "normalized": normalized,  # files whose bytes were re-encoded (all others are stored byte-exact)
         "channels": 1 if set(modes) <= {"L"} and modes else 3,
         "image_modes": dict(modes),
         "image_exts": dict(exts),

@@ -1,0 +1,132 @@
+"""Synthetic inputs for the data-path tests: small ImageFolders (good and bad files) and IDX files."""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import struct
+from typing import Dict, Optional
+
+import numpy as np
+from PIL import Image
+
+
+def noise_image(rng: np.random.Generator, w: int, h: int, mode: str = "RGB") -> Image.Image:
+    """Smooth random image (a blurred gradient + noise): JPEG-friendly, and distinct per call."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    chans = 1 if mode == "L" else 3
+    planes = []
+    for _ in range(chans):
+        a, b, c = rng.uniform(-3, 3, size=3)
+        planes.append(127 + 60 * np.sin(a * xx / w + b * yy / h + c) + rng.normal(0, 12, size=(h, w)))
+    arr = np.clip(np.stack(planes, -1), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if chans == 1 else arr, mode)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def write(path: str, data: bytes) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def make_imagefolder(root: str, classes=("cat", "dog", "fish"), per_class: int = 4, size=(24, 20),
+                     seed: int = 0, fmt: str = "JPEG") -> Dict[str, int]:
+    """Clean ImageFolder: `per_class` distinct images per class. Returns {relative path: label}."""
+    rng = np.random.default_rng(seed)
+    ext = ".JPEG" if fmt == "JPEG" else ".png"
+    out = {}
+    for label, c in enumerate(classes):
+        for i in range(per_class):
+            w = size[0] + int(rng.integers(0, 5))
+            h = size[1] + int(rng.integers(0, 5))
+            rel = os.path.join(c, f"{c}_{i:04d}{ext}")
+            kw = {"quality": 90} if fmt == "JPEG" else {}
+            write(os.path.join(root, rel), encode(noise_image(rng, w, h), fmt, **kw))
+            out[rel] = label
+    return out
+
+
+def exif_rotated_jpeg(rng, w: int, h: int, orientation: int = 6) -> bytes:
+    img = noise_image(rng, w, h)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", quality=92, exif=exif.tobytes())
+
+
+def make_bad_imagefolder(root: str, seed: int = 0) -> Dict[str, Optional[str]]:
+    """ImageFolder with every bad-input case of SPEC §10. Returns {relative path: expected outcome}, where the
+    outcome is None for "packed byte-exact", "normalized:<mode>" for re-encoded files, and "rejected:<reason
+    substring>" for rejects."""
+    rng = np.random.default_rng(seed)
+    good = encode(noise_image(rng, 32, 24), "JPEG", quality=90)
+    cases: Dict[str, Optional[str]] = {}
+
+    def add(rel, data, outcome):
+        write(os.path.join(root, rel), data)
+        cases[rel] = outcome
+
+    add("alpha/plain.JPEG", good, None)
+    add("alpha/gray.JPEG", encode(noise_image(rng, 30, 26, "L"), "JPEG", quality=90), None)
+    add("alpha/cmyk.jpg", encode(noise_image(rng, 30, 26).convert("CMYK"), "JPEG", quality=90), "normalized:RGB")
+    add("alpha/truncated.JPEG", good[: len(good) // 2], "rejected:corrupt or truncated")
+    add("alpha/garbage.JPEG", b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 600, dtype=np.uint8)),
+        "rejected:corrupt or truncated")
+    add("alpha/notes.txt", b"this is not an image\n", "rejected:not an image")
+    add("alpha/empty.JPEG", b"", "rejected:empty file")
+    add("alpha/tiny.png", encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"), "rejected:too small")
+    add("alpha/rotated.JPEG", exif_rotated_jpeg(rng, 32, 20, 6), "normalized:RGB")
+    gray16 = Image.fromarray((rng.integers(0, 65535, (20, 22))).astype(np.uint16))
+    add("beta/deep16.png", encode(gray16, "PNG"), "normalized:L")
+    add("beta/palette.png", encode(noise_image(rng, 24, 24).convert("P"), "PNG"), "normalized:RGB")
+    pal_t = noise_image(rng, 24, 24).convert("P")
+    pal_t.info["transparency"] = 0
+    add("beta/palette_alpha.png", encode(pal_t, "PNG", transparency=0), "normalized:RGB")
+    rgba = noise_image(rng, 24, 24).convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (24, 24)).astype(np.uint8)))
+    add("beta/rgba.png", encode(rgba, "PNG"), "normalized:RGB")
+    add("beta/la.png", encode(noise_image(rng, 24, 24, "L").convert("LA"), "PNG"), "normalized:L")
+    add("beta/plain.png", encode(noise_image(rng, 24, 24), "PNG"), None)
+    add("beta/png named.JPEG", encode(noise_image(rng, 24, 24), "PNG"), None)  # wrong extension, space
+    add("beta/pic.v2.final.JPEG", encode(noise_image(rng, 26, 24), "JPEG", quality=90), None)
+    add("beta/café ünïcode.JPEG", encode(noise_image(rng, 26, 24), "JPEG", quality=90), None)
+    add("beta/sub dir/nested.bmp", encode(noise_image(rng, 20, 20), "BMP"), "normalized:RGB")
+    add("beta/.hidden.JPEG", good, "rejected:hidden")
+    add("stray_at_root.JPEG", good, "rejected:not inside a class folder")
+    os.makedirs(os.path.join(root, "gamma_empty"), exist_ok=True)
+    # unreadable: a dangling link fails to open even for root (chmod 000 does not stop root)
+    os.symlink(os.path.join(root, "does-not-exist.JPEG"), os.path.join(root, "alpha", "dangling.JPEG"))
+    cases["alpha/dangling.JPEG"] = "rejected:unreadable"
+    return cases
+
+
+def write_idx(path: str, arr: np.ndarray, gz: bool) -> str:
+    """numpy uint8 array → IDX file (magic 0x08 = ubyte)."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    raw = header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw, mtime=0) if gz else raw)
+    return path
+
+
+def make_idx(root: str, n_train: int = 60, n_test: int = 20, num_classes: int = 5, hw=(12, 12),
+             gz: bool = True, seed: int = 0):
+    """Random (hence pairwise distinct) uint8 images + labels in MNIST file names. Returns the arrays."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, stem, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        images = rng.integers(0, 256, (n, *hw), dtype=np.uint8)
+        labels = (np.arange(n) % num_classes).astype(np.uint8)
+        rng.shuffle(labels)
+        suffix = ".gz" if gz else ""
+        write_idx(os.path.join(root, f"{stem}-images-idx3-ubyte{suffix}"), images, gz)
+        write_idx(os.path.join(root, f"{stem}-labels-idx1-ubyte{suffix}"), labels, gz)
+        out[split] = (images, labels)
+    return out
