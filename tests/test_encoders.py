@@ -177,3 +177,32 @@ def test_registry_names_and_pixel_combo_on_meta():
     assert lat.input_space == "latent" and len(lat.describe((4, 32, 32))) == 86
     with pytest.raises(ValueError, match="unknown feature extractor 'mae-giant'"):
         build_feature_extractor("mae-giant")
+
+
+@pytest.mark.parametrize("space", ["latent"])
+def test_feature_keys_drive_the_drifting_loss(space):
+    """End to end at tiny size: generator output -> frozen extractor -> per-key drifting loss -> gradient."""
+    from drift.loss import drifting_loss
+    torch.manual_seed(4)
+    if space == "latent":
+        ex = build_feature_extractor("mae", in_channels=4, patch_size=1, width=4, layers=(1, 2, 1, 1))
+        shape = (4, 8, 8)
+    else:
+        ex = build_feature_extractor("mae", in_channels=3, patch_size=2, width=4, layers=(1, 1, 1, 1))
+        shape = (3, 16, 16)
+    n_c, g, p = 2, 3, 4
+    w = torch.randn(n_c * g, *shape, requires_grad=True)  # stands in for generator output
+    pos = torch.randn(n_c * p, *shape)
+    gen_f = ex(w)
+    with torch.no_grad():
+        pos_f = ex(pos)
+    total = 0.0
+    for k, f in gen_f.items():
+        L, D = f.shape[1:]
+        gk = f.view(n_c, g, L, D).transpose(1, 2)      # [N_c, L, G, D], a strided view
+        pk = pos_f[k].view(n_c, p, L, D).transpose(1, 2)
+        loss, _ = drifting_loss(gk, pk, backend="reference")
+        assert loss.shape == (n_c, L)
+        total = total + loss.mean()
+    total.backward()
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
