@@ -14,7 +14,8 @@ of D-dim vectors. The official key set for an encoder is
 The trainer groups rows per class with ``feat.view(N_c, G, L, D).transpose(1, 2)`` -> [N_c, L, G, D].
 
 `build_feature_extractor(name, **kw)` builds an extractor by name: ``"pixels"`` (no encoder, base keys
-only) and the encoder-backed names of `drift.encoders` (listed by `feature_extractor_names()`).
+only), ``"pixel-multiscale"`` (no encoder: base keys plus patch-vector maps of the image at several patch
+sizes, for small demo data) and the encoder-backed names of `drift.encoders` (listed by `feature_extractor_names()`).
 """
 from __future__ import annotations
 
@@ -134,6 +135,35 @@ class PixelFeatures(FeatureExtractor):
         return base_features(x)
 
 
+def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(n, c * p * p, h // p, w // p)
+
+
+class PixelMultiscaleFeatures(FeatureExtractor):
+    """Encoder-free multi-scale keys for small images (demo data): ``global``, ``norm_x`` and, for every size p
+    in `patch_sizes` that divides H and W, the image patchified p x p into a map [N, C*p*p, H/p, W/p] whose
+    `map_features` (prefix ``px{p}``) give per-patch vectors, their mean/std, and 2x2 / 4x4 pooled means/stds
+    over the patch grid. A stand-in for an encoder's multi-scale maps when no pretrained encoder exists."""
+
+    def __init__(self, patch_sizes: Sequence[int] = (2, 4, 7, 14), pool_sizes: Sequence[int] = PATCH_SIZES):
+        super().__init__()
+        if not patch_sizes or any(int(p) < 1 for p in patch_sizes):
+            raise ValueError(f"patch_sizes must be positive integers, got {patch_sizes}")
+        self.patch_sizes = tuple(int(p) for p in patch_sizes)
+        self.pool_sizes = tuple(int(p) for p in pool_sizes)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = base_features(x)
+        h, w = x.shape[-2:]
+        for p in self.patch_sizes:
+            if h % p or w % p:
+                continue
+            out.update(map_features(f"px{p}", _patchify(x, p), patch_sizes=self.pool_sizes))
+        return out
+
+
 class CombinedFeatures(FeatureExtractor):
     """Union of several extractors' keys; later extractors must not reuse an earlier key name."""
 
@@ -157,7 +187,7 @@ class CombinedFeatures(FeatureExtractor):
 def feature_extractor_names():
     """All names accepted by `build_feature_extractor`."""
     from drift import encoders
-    return ("pixels",) + tuple(encoders.EXTRACTOR_NAMES)
+    return ("pixels", "pixel-multiscale") + tuple(encoders.EXTRACTOR_NAMES)
 
 
 def build_feature_extractor(name: str = "pixels", **kw) -> FeatureExtractor:
@@ -170,5 +200,7 @@ def build_feature_extractor(name: str = "pixels", **kw) -> FeatureExtractor:
         if kw:
             raise TypeError(f"build_feature_extractor('pixels') takes no options, got {sorted(kw)}")
         return PixelFeatures().freeze()
+    if name == "pixel-multiscale":
+        return PixelMultiscaleFeatures(**kw).freeze()
     from drift import encoders  # lazy: encoders import this module
     return encoders.build_extractor(name, **kw)

@@ -167,7 +167,7 @@ def test_tv_resnet_features_and_weights(tmp_path):
 
 
 def test_registry_names_and_pixel_combo_on_meta():
-    assert set(feature_extractor_names()) == {"pixels", *EXTRACTOR_NAMES}
+    assert set(feature_extractor_names()) == {"pixels", "pixel-multiscale", *EXTRACTOR_NAMES}
     ex = build_feature_extractor("mae-pixel+convnext", width=640, device="meta")
     feats = ex(torch.zeros(2, 3, 256, 256, device="meta"))
     assert len(feats) == 86 + 13

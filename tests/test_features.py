@@ -96,3 +96,18 @@ def test_builder_pixels_and_unknown():
         build_feature_extractor("nope")
     with pytest.raises(TypeError, match="no options"):
         build_feature_extractor("pixels", width=3)
+
+
+def test_pixel_multiscale_keys_for_28px():
+    ex = build_feature_extractor("pixel-multiscale")
+    x = torch.randn(3, 1, 28, 28, generator=_gen(5))
+    f = ex(x)
+    assert f["px2"].shape == (3, 196, 4) and f["px4"].shape == (3, 49, 16)
+    assert f["px7"].shape == (3, 16, 49) and f["px14"].shape == (3, 4, 196)
+    assert "px2_mean_2" in f and "px4_mean_2" not in f  # the 7x7 grid has no 2x2 pooling
+    assert "px2_mean_4" not in f and "px14_mean_2" in f  # 14x14 grid: 2 divides, 4 does not; 2x2 grid: 2 only
+    # patch vectors are the pixels of each patch: location (1, 2) of the 4x4 grid
+    torch.testing.assert_close(f["px4"][2, 1 * 7 + 2], x[2, 0, 4:8, 8:12].reshape(-1))
+    assert set(ex.describe((1, 28, 28))) == set(f)
+    with pytest.raises(ValueError, match="patch_sizes"):
+        build_feature_extractor("pixel-multiscale", patch_sizes=(0,))
