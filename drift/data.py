@@ -57,7 +57,7 @@ def dali_available() -> bool:
 class ShardSet:
     """Manifest + per-shard index of a prepared dataset, checked cheaply (no hashing) when opened."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, check_headers: bool = True):
         self.root = path
         self.manifest = schema.read_manifest(path)
         self.shards: List[str] = []
@@ -90,10 +90,36 @@ class ShardSet:
             self.indexes.append(idx)
         if not self.samples:
             raise ValueError(f"dataset {path} has no samples")
+        if check_headers:
+            # DALI's CPU decoder can crash the process (SIGSEGV, no message) on a batch holding garbage bytes
+            # instead of raising; 8 bytes per sample is a cheap way to fail first, with the shard named
+            bad = self.find_undecodable(limit=5)
+            if bad:
+                raise ValueError(f"corrupt dataset {path}: " + "; ".join(bad) + " (run `drift-prep verify`)")
 
     @property
     def num_samples(self) -> int:
         return len(self.samples)
+
+    def find_undecodable(self, limit: int = 5) -> List[str]:
+        """Samples whose bytes do not start like a JPEG/PNG (cheap: 8 bytes each). Used to name the bad shard
+        and sample after a decoder failure, since DALI's message does not say which sample failed."""
+        bad = []
+        fds = {}
+        try:
+            for shard, off, n, ext, _, _ in self.samples:
+                if shard not in fds:
+                    fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+                head = os.pread(fds[shard], 8, off)
+                ok = head.startswith(b"\xff\xd8\xff") if ext == "jpg" else head == b"\x89PNG\r\n\x1a\n"
+                if not ok:
+                    bad.append(f"shard {self.shards[shard]}: the {ext} image at byte {off} is not a valid {ext}")
+                    if len(bad) >= limit:
+                        break
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return bad
 
 
 def _resolve_size(manifest: dict, image_size: Optional[int], path: str) -> int:
@@ -240,21 +266,34 @@ class DaliLoader(_Base):
         seed = (self.seed * 1_000_003 + self.rank) % (2 ** 31)
         self._pipe = factory(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
                              seed=seed, prefetch_queue_depth=2, checkpoint=checkpoint)
+        # DALI errors are turned into messages OUTSIDE the except block: a live traceback would keep the failed
+        # pipeline's frames (and its worker threads) alive past this call
+        err = None
         try:
             self._pipe.build()
+            # no reader_name: the iterator is infinite and the reader rolls into the next epoch inside DALI;
+            # the constructor already runs the first batches (prefetch), so decode errors can surface here
+            self._it = DALIGenericIterator([self._pipe], ["images", "cls"], size=-1, auto_reset=False)
         except RuntimeError as e:
-            raise RuntimeError(f"DALI could not open the shards of {self.path}: {e}") from None
-        # no reader_name: the iterator is infinite and the reader rolls into the next epoch inside DALI
-        self._it = DALIGenericIterator([self._pipe], ["images", "cls"], size=-1, auto_reset=False)
+            err = str(e)
+        if err is not None:
+            self.close()
+            raise RuntimeError(self._failure_message(err))
+
+    def _failure_message(self, err: str) -> str:
+        bad = self.ds.find_undecodable(limit=5)
+        where = "; ".join(bad) if bad else f"no bad image header found; run `drift-prep verify {self.path}`"
+        return f"DALI failed while reading the shards of {self.path} ({where}): {err.strip()[:2000]}"
 
     def __next__(self):
+        err = None
         try:
             out = next(self._it)[0]
-        except StopIteration:
-            raise
         except RuntimeError as e:
-            raise RuntimeError(f"DALI failed while reading shards of {self.path} (run `drift-prep verify "
-                               f"{self.path}` to find the bad shard): {e}") from None
+            err = str(e)
+        if err is not None:
+            self.close()
+            raise RuntimeError(self._failure_message(err))
         images = out["images"]
         labels = _cls_to_labels(out["cls"], self.path)
         self.batches_consumed += 1
@@ -290,7 +329,8 @@ def pil_center(img, image_size: int):
         s = image_size / min(w, h)
         img = img.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BICUBIC)
         w, h = img.size
-        left, top = (w - image_size) // 2, (h - image_size) // 2
+        # round-half-up offsets: what DALI's crop_pos 0.5 does, so both backends crop the same window
+        left, top = (w - image_size + 1) // 2, (h - image_size + 1) // 2
         img = img.crop((left, top, left + image_size, top + image_size))
     return img
 
