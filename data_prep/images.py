@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail loudly, never be padded with grey
+from PIL import Image, ImageOps
 
 
 @dataclass
@@ -71,11 +69,9 @@ def _to_l_or_rgb(img: Image.Image) -> Tuple[Image.Image, str]:
     if mode == "1":
         return img.convert("L"), "1->L"
     if mode == "P":
-        has_alpha = "transparency" in img.info
-        pal_mode = img.palette.mode if img.palette is not None else "RGB"
-        img = img.convert("RGBA" if has_alpha else "RGB")
-        if not has_alpha:
-            return img, "P->RGB" if pal_mode != "L" else "P->RGB"
+        if "transparency" not in img.info:
+            return img.convert("RGB"), "P->RGB"
+        img = img.convert("RGBA")  # then composited over white below
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         base = "L" if mode in ("LA", "La") else "RGB"
@@ -93,7 +89,7 @@ def pack_image(data: bytes, *, size: Optional[int] = None, min_side: int = 8, qu
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt = img.format
-            img.load()  # full decode: catches truncated and corrupt data
+            img.load()  # full decode: catches truncated and corrupt data (PIL's LOAD_TRUNCATED_IMAGES is False)
     except Image.DecompressionBombError as e:
         raise Rejected(f"too large: {e}") from None
     except Image.DecompressionBombWarning as e:
