@@ -153,6 +153,7 @@ def main(argv=None):
     host = socket.gethostname().split(".")[0] or "host"
     meta = {"host": host, "utc": utc, "argv": sys.argv[1:] if argv is None else argv, "git_sha": git_sha(),
             "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "load_avg_1m": os.getloadavg()[0],  # other work on the machine depresses these figures
             "gpu_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "pillow": Image.__version__,
             "dali": __import__("nvidia.dali", fromlist=["__version__"]).__version__ if dali_available() else None,
