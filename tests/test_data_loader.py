@@ -131,6 +131,11 @@ def test_state_dict_resumes_exactly(idx_data, backend, mode):
         got = take(resumed, 6)
         assert resumed.state_dict()["epoch"] == 1
     assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+    with build_loader(path, 7, **kw) as a, build_loader(path, 7, **kw) as b:  # same seed, same stream
+        first = take(a, 4)
+        assert torch.equal(first[0], take(b, 4)[0])
+    with build_loader(path, 7, **{**kw, "seed": 12}) as c:
+        assert not torch.equal(first[0], take(c, 4)[0])
     with build_loader(path, 5, **kw) as other, pytest.raises(ValueError, match="batch_size"):
         other.load_state_dict(sd)
 
@@ -209,6 +214,16 @@ def test_bad_arguments(idx_data, tmp_path):
         build_loader(path, 0)
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         build_loader(str(tmp_path), 4)
+
+
+def test_auto_falls_back_to_pil_without_dali(idx_data, monkeypatch):
+    import drift.data as data
+
+    monkeypatch.setattr(data, "dali_available", lambda: False)
+    with data.build_loader(idx_data[0], 4) as loader:
+        assert isinstance(loader, data.PilLoader) and next(loader)[0].shape == (4, 1, 12, 12)
+    with pytest.raises(ImportError, match="nvidia.dali"):
+        data.build_loader(idx_data[0], 4, backend="dali")
 
 
 def test_mixed_sizes_need_image_size(jpeg_data):
