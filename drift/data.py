@@ -71,21 +71,17 @@ class ShardSet:
             if not os.path.isfile(idx):
                 raise FileNotFoundError(f"index file {idx} of shard {entry['name']} is missing")
             with open(idx, "r", encoding="ascii", errors="replace") as f:
-                comps = schema.parse_index(f.read(), idx)
-            if len(comps) != entry["num_samples"]:
-                raise ValueError(f"shard {tar}: index lists {len(comps)} samples, manifest says {entry['num_samples']}")
+                text = f.read()
+            rows = self._parse_index(text, idx)
+            if len(rows) != entry["num_samples"]:
+                raise ValueError(f"shard {tar}: index lists {len(rows)} samples, manifest says {entry['num_samples']}")
             size = os.path.getsize(tar)
+            end = max((max(off + n, coff + cn) for off, n, _, coff, cn in rows), default=0)
+            if end > size:
+                raise ValueError(f"shard {tar} is truncated ({size} bytes, its index reaches byte {end}): "
+                                 "repack it or run `drift-prep verify`")
             k = len(self.shards)
-            for j, c in enumerate(comps):
-                img_ext = next((e for e in schema.IMAGE_EXTS if e in c), None)
-                if img_ext is None or schema.LABEL_EXT not in c:
-                    raise ValueError(f"shard {tar}: sample {j} lacks an image or a cls component")
-                off, n, _ = c[img_ext]
-                coff, cn, _ = c[schema.LABEL_EXT]
-                if max(off + n, coff + cn) > size:
-                    raise ValueError(f"shard {tar} is truncated ({size} bytes; sample {j} ends at "
-                                     f"{max(off + n, coff + cn)}): repack it or run `drift-prep verify`")
-                self.samples.append((k, off, n, img_ext, coff, cn))
+            self.samples.extend((k, off, n, ext, coff, cn) for off, n, ext, coff, cn in rows)
             self.shards.append(tar)
             self.indexes.append(idx)
         if not self.samples:
@@ -96,6 +92,30 @@ class ShardSet:
             bad = self.find_undecodable(limit=5)
             if bad:
                 raise ValueError(f"corrupt dataset {path}: " + "; ".join(bad) + " (run `drift-prep verify`)")
+
+    @staticmethod
+    def _parse_index(text: str, path: str) -> List[Tuple[int, int, str, int, int]]:
+        """Index text → [(img_off, img_size, img_ext, cls_off, cls_size)]. drift-prep writes every line as
+        "cls <off> <size> <name> <ext> <off> <size> <name>"; that layout is read directly (ImageNet has 1.28M
+        lines), anything else goes through the general parser."""
+        lines = text.splitlines()
+        rows = []
+        for line in lines[1:]:
+            p = line.split(" ")
+            if len(p) != 8 or p[0] != schema.LABEL_EXT or p[4] not in schema.IMAGE_EXTS:
+                break
+            rows.append((int(p[5]), int(p[6]), p[4], int(p[1]), int(p[2])))
+        else:
+            head = lines[0].split() if lines else []
+            if len(head) == 2 and head[0] == schema.INDEX_VERSION and head[1] == str(len(rows)):
+                return rows
+        rows = []
+        for j, c in enumerate(schema.parse_index(text, path)):
+            img_ext = next((e for e in schema.IMAGE_EXTS if e in c), None)
+            if img_ext is None or schema.LABEL_EXT not in c:
+                raise ValueError(f"{path}: sample {j} lacks an image or a cls component")
+            rows.append((c[img_ext][0], c[img_ext][1], img_ext, c[schema.LABEL_EXT][0], c[schema.LABEL_EXT][1]))
+        return rows
 
     @property
     def num_samples(self) -> int:
