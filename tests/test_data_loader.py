@@ -216,6 +216,21 @@ def test_bad_arguments(idx_data, tmp_path):
         build_loader(str(tmp_path), 4)
 
 
+def test_index_in_another_component_order(tmp_path, idx_data):
+    """Indexes from other writers (e.g. image before cls) go through the general parser: same samples."""
+    import shutil
+    from drift.data import ShardSet
+
+    src, _ = idx_data
+    path = tmp_path / "copy"
+    shutil.copytree(src, path)
+    for f in path.glob("*.idx"):
+        lines = f.read_text().splitlines()
+        swapped = [" ".join(ln.split(" ")[4:] + ln.split(" ")[:4]) for ln in lines[1:]]
+        f.write_text("\n".join([lines[0]] + swapped) + "\n")
+    assert ShardSet(str(path)).samples == ShardSet(src).samples
+
+
 def test_auto_falls_back_to_pil_without_dali(idx_data, monkeypatch):
     import drift.data as data
 
