@@ -56,6 +56,11 @@ class Settings:
 # Sources
 
 
+def _printable(path: str) -> str:
+    """File names that are not valid UTF-8 (undecodable bytes arrive as surrogates) → a JSON-safe name."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def scan_imagefolder(src: str) -> Tuple[List[str], List[Candidate], List[dict], int]:
     """ImageNet layout SRC/<class>/**/<file>. Returns (classes, candidates, scan rejects, files seen).
 
@@ -71,27 +76,28 @@ def scan_imagefolder(src: str) -> Tuple[List[str], List[Candidate], List[dict], 
                 classes.append(entry.name)
         else:
             seen += 1
-            rejected.append({"path": entry.name, "reason": "not inside a class folder"})
+            rejected.append({"path": _printable(entry.name), "reason": "not inside a class folder"})
     if not classes:
         raise ValueError(f"SRC {src!r} has no class sub-directories (expected SRC/<class>/<image files>)")
     cands: List[Candidate] = []
     for label, cname in enumerate(classes):
-        root = os.path.join(src, cname)
+        root = os.path.join(src, cname)  # the exact directory name; the manifest gets a printable one
         files = []
         for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: rejected.append(
-                {"path": os.path.relpath(e.filename, src), "reason": f"unreadable directory: {e.strerror}"})):
+                {"path": _printable(os.path.relpath(e.filename, src)),
+                 "reason": f"unreadable directory: {e.strerror}"})):
             dirnames.sort()
             for fn in filenames:
                 files.append(os.path.join(dirpath, fn))
         for path in sorted(files):
-            rel = os.path.relpath(path, src)
+            rel = _printable(os.path.relpath(path, src))
             seen += 1
             if os.path.basename(path).startswith("."):
                 rejected.append({"path": rel, "reason": "hidden file"})
                 continue
             stem = os.path.splitext(os.path.basename(path))[0]
             cands.append(Candidate(rel, label, stem, path))
-    return classes, cands, rejected, seen
+    return [_printable(c) for c in classes], cands, rejected, seen
 
 
 def scan_idx(src: str, split: str, class_names: Optional[Sequence[str]] = None):

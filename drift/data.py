@@ -488,6 +488,8 @@ def build_loader(path: str, batch_size: int, *, mode: str = "center", image_size
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if not (0 <= rank < world_size):
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     if backend == "dali" and not dali_available():

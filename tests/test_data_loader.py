@@ -205,7 +205,7 @@ def test_bad_arguments(idx_data, tmp_path):
     path, _ = idx_data
     for kw, msg in ((dict(mode="random"), "mode"), (dict(output="half"), "output"), (dict(backend="cv2"), "backend"),
                     (dict(rank=2, world_size=2), "rank"), (dict(channels=2), "channels"),
-                    (dict(image_size=0), "image_size"), (dict(device="cuda"), "CUDA")):
+                    (dict(image_size=0), "image_size"), (dict(seed=-1), "seed"), (dict(device="cuda"), "CUDA")):
         if kw.get("device") == "cuda" and torch.cuda.is_available():
             continue
         with pytest.raises(ValueError, match=msg):

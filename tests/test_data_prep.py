@@ -235,3 +235,17 @@ def test_schema_rules():
     with pytest.raises(ValueError, match="classes"):
         schema.validate_manifest({"num_samples": 0, "num_classes": 2, "classes": ["a"], "rejected": [],
                                   "shards": []})
+
+
+def test_undecodable_file_names(tmp_path):
+    """Names that are not UTF-8 (raw bytes from another system) still pack, and the manifest stays valid JSON."""
+    src = tmp_path / "src"
+    make_imagefolder(str(src), classes=("a",), per_class=2)
+    raw_dir = os.path.join(os.fsencode(str(src)), b"cl\xe9ss")
+    os.makedirs(raw_dir)
+    good = (src / "a" / "a_0000.JPEG").read_bytes()
+    with open(os.path.join(raw_dir, b"im\xff.JPEG"), "wb") as f:
+        f.write(good)
+    assert main(["imagefolder", str(src), str(tmp_path / "out"), "--workers", "1", "--quiet"]) == 0
+    m = schema.read_manifest(str(tmp_path / "out"))
+    assert m["num_samples"] == 3 and m["classes"] == ["a", "cl\ufffdss"] and m["class_counts"] == [2, 1]
