@@ -1,4 +1,6 @@
 """MAE-ResNet model: the 86 official keys, masking, the masked loss, decoder shapes, cls fine-tune loss."""
+import os
+
 import pytest
 import torch
 
@@ -109,8 +111,11 @@ def test_cls_weight_mixes_losses():
     x = torch.randn(3, 4, 8, 8)
     y = torch.tensor([0, 1, 4])
     mask = random_patch_mask(3, 8, 8, generator=torch.Generator().manual_seed(0))
-    l0, i0 = model.mae_loss(x, y, cls_weight=0.0, mask=mask)
+    l0, i0 = model.mae_loss(x, None, mask=mask)
     assert "ce" not in i0 and torch.equal(l0, i0["recon"])
+    lz, iz = model.mae_loss(x, y, cls_weight=0.0, mask=mask)
+    torch.testing.assert_close(lz, l0)
+    assert "ce" in iz and iz["ce"] > 0
     l1, i1 = model.mae_loss(x, y, cls_weight=0.1, mask=mask)
     torch.testing.assert_close(l1, 0.1 * i1["ce"] + 0.9 * i1["recon"])
 
@@ -128,3 +133,98 @@ def test_extractor_is_frozen_but_differentiable():
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"expects x \[N, 1, H, W\]"):
         ex(torch.randn(2, 3, 16, 16))
+
+
+# ------------------------------------------------------------------------------------------- drift-mae CLI
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    from data_prep.cli import main as prep
+    from tests.data_fixtures import make_imagefolder
+    src = tmp_path_factory.mktemp("mae_src")
+    make_imagefolder(str(src), classes=("a", "b", "c"), per_class=4, size=(20, 18), fmt="PNG")
+    out = tmp_path_factory.mktemp("mae_shards")
+    assert prep(["imagefolder", str(src), str(out), "--size", "16", "--shard-size", "8", "--workers", "1",
+                 "--quiet"]) == 0
+    return str(out)
+
+
+def _mae_args(data, out, *extra):
+    return ["--data", data, "--out", out, "--width", "4", "--layers", "1,1,1,1", "--batch-size", "4",
+            "--steps", "4", "--warmup-steps", "2", "--log-every", "1", "--ckpt-every", "2", "--keep-ckpts", "3",
+            "--cls-ft-steps", "2", "--cls-ramp-steps", "2", "--loader-backend", "pil", "--no-progress",
+            "--num-threads", "1", *extra]
+
+
+def _log(out):
+    import json
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_drift_mae_runs_resumes_exactly_and_exports(tmp_path, tiny_shards):
+    import shutil
+
+    from drift.mae_train import cls_weight_at, lr_at, main, parse_cli
+    out = str(tmp_path / "run")
+    assert main(_mae_args(tiny_shards, out)) == 0
+    full = _log(out)
+    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    assert [r["cls_weight"] for r in full] == [0.0, 0.0, 0.05, 0.1]  # ramp over the last 2 steps
+    assert all(r["ce"] > 0 and 0.3 < r["mask_frac"] < 0.7 for r in full)
+    cfg = parse_cli(_mae_args(tiny_shards, out))
+    assert lr_at(cfg, 0) == pytest.approx(1e-6) and lr_at(cfg, 1) == pytest.approx((4e-3 + 1e-6) / 2)
+    assert lr_at(cfg, 100) == 4e-3 and cls_weight_at(cfg, 1) == 0.0
+    # resume from the step-2 checkpoint: steps 3-4 must repeat the uninterrupted losses exactly
+    res = str(tmp_path / "resumed")
+    shutil.copytree(out, res)
+    os.remove(os.path.join(res, "ckpt", "step_00000004.pt"))
+    assert main(_mae_args(tiny_shards, res, "--resume")) == 0
+    again = _log(res)
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for a, b in zip(full, again):
+        assert a["loss"] == b["loss"] and a["recon"] == b["recon"], (a, b)
+    # the export loads as a feature extractor and equals the EMA encoder of the final checkpoint
+    ex = build_extractor("mae", weights=os.path.join(out, "mae_encoder.pt"))
+    ck = torch.load(os.path.join(out, "ckpt", "step_00000004.pt"), weights_only=True)
+    cfg_m = MAEConfig.from_dict(ck["config"])
+    assert cfg_m.in_channels == 3 and cfg_m.patch_size == 1 and cfg_m.num_classes == 3
+    m = MAEResNet(cfg_m)
+    m.load_state_dict(ck["ema"])
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(ex(x)["layer4"], MAEFeatures(m.encoder)(x)["layer4"])
+    # the checkpoint itself also loads as weights
+    build_extractor("mae", weights=os.path.join(out, "ckpt", "step_00000004.pt"))
+
+
+def test_drift_mae_errors(tmp_path, tiny_shards, capsys):
+    from drift.mae_train import main
+    out = str(tmp_path / "run")
+    assert main(_mae_args(tiny_shards, out, "--steps", "2")) == 0
+    assert main(_mae_args(tiny_shards, out, "--steps", "4", "--width", "8", "--resume")) == 2
+    assert "model config" in capsys.readouterr().err
+    ck = os.path.join(out, "ckpt", "step_00000002.pt")
+    with open(ck, "r+b") as f:
+        f.truncate(100)
+    assert main(_mae_args(tiny_shards, out, "--steps", "4", "--resume")) == 2
+    assert "step_00000002.pt is unreadable" in capsys.readouterr().err
+    assert main(["--out", out]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    assert main(_mae_args(tiny_shards, out, "--cls-ft-steps", "9")) == 2
+    assert main(_mae_args(str(tmp_path / "missing"), out)) == 2
+
+
+def test_channels_last_input_gives_same_result():
+    # loaders hand out HWC-strided batches; the encoder must treat them like contiguous ones
+    torch.manual_seed(0)
+    model = MAEResNet(_tiny(in_channels=3))
+    x = torch.randn(4, 8, 8, 3).permute(0, 3, 1, 2)
+    mask = random_patch_mask(4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for inp in (x, x.contiguous()):
+        model.zero_grad()
+        loss, _ = model(inp, mask=mask)
+        loss.backward()
+        if inp is x:
+            ref = (loss.detach(), model.encoder.stages[1].blocks[0].shortcut[0].weight.grad.clone())
+    torch.testing.assert_close(loss.detach(), ref[0])
+    torch.testing.assert_close(model.encoder.stages[1].blocks[0].shortcut[0].weight.grad, ref[1])

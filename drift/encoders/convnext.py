@@ -164,7 +164,7 @@ class ConvNeXtFeatures(FeatureExtractor):
             shrink = h.shape[-1] > self.resolution or h.shape[-2] > self.resolution
             h = F.interpolate(h, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False,
                               antialias=shrink)
-        return h
+        return h.contiguous()  # keep the convs in NCHW whatever the caller's layout (see mae_resnet)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         out = base_features(x) if self.with_base else {}

@@ -160,7 +160,10 @@ class MAEResNetEncoder(nn.Module):
     def forward(self, xp: torch.Tensor) -> Dict[str, torch.Tensor]:
         """xp: the patchified input [N, C0, H, W]. Returns {map name: [N, C, H, W]} in `map_names()` order."""
         out = {}
-        h = self.stem(xp)
+        # Channels-last inputs (the loaders' HWC-strided batches) make the convs run channels-last, and the CPU
+        # backward of a 1x1 stride-2 conv in that layout corrupts the heap in torch 2.14 (the shortcut
+        # projections here). One copy to NCHW keeps every layer in the contiguous format.
+        h = self.stem(xp.contiguous())
         out["conv1"] = h
         for s, stage in enumerate(self.stages, start=1):
             for k, blk in enumerate(stage.blocks, start=1):
@@ -255,7 +258,7 @@ class MAEResNet(nn.Module):
         """Loss = (1 - cls_weight) * masked l2 + cls_weight * CE(head(pool(layer4)), labels).
 
         Returns (loss, info) with info = {"recon", "ce", "acc", "mask_frac"} (detached scalars; ce/acc only
-        when labels are given and there is a head).
+        when labels are given and there is a head; without labels the loss is the reconstruction term alone).
         """
         p = self.cfg.patch_size
         n, _, h, w = x.shape
@@ -266,15 +269,20 @@ class MAEResNet(nn.Module):
         recon = masked_l2(pred.float(), target.float(), mask)
         info = {"recon": recon.detach(), "mask_frac": mask.mean().detach()}
         loss = recon
-        use_cls = labels is not None and self.head is not None and not (
-            isinstance(cls_weight, (int, float)) and cls_weight == 0)
-        if use_cls:
+        # The head runs whenever labels are given, even at cls_weight 0, so the autograd graph is the same at
+        # every step (DDP without find_unused_parameters; one compiled graph for both phases).
+        if labels is not None and self.head is not None:
             logits = self.head(maps[f"layer{len(self.cfg.layers)}"].float().mean(dim=(2, 3)))
             ce = F.cross_entropy(logits, labels)
             loss = cls_weight * ce + (1.0 - cls_weight) * recon
             info["ce"] = ce.detach()
             info["acc"] = (logits.argmax(-1) == labels).float().mean().detach()
         return loss, info
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, cls_weight=0.0, mask=None,
+                generator: torch.Generator | None = None):
+        """The training loss (`mae_loss`); forward so that DDP and torch.compile wrap it."""
+        return self.mae_loss(x, labels, cls_weight=cls_weight, generator=generator, mask=mask)
 
     def predict_image(self, pred: torch.Tensor) -> torch.Tensor:
         """Decoder output (patchified) -> input space (unpatchified for pixel inputs)."""

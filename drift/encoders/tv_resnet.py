@@ -39,6 +39,7 @@ class TVResNetFeatures(FeatureExtractor):
             h = F.interpolate(h, size=(self.resolution,) * 2, mode="bilinear", align_corners=False,
                               antialias=h.shape[-1] > self.resolution)
         n = self.net
+        h = h.contiguous()  # channels-last input + 1x1 stride-2 conv backward is broken on CPU (see mae_resnet)
         h = n.maxpool(n.relu(n.bn1(n.conv1(h))))
         for i in range(1, 5):
             h = getattr(n, f"layer{i}")(h)
