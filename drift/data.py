@@ -15,6 +15,10 @@ and their union is the epoch. The DALI reader reshuffles within a buffer every e
 draws a full permutation from (seed, epoch). Both yield every sample of an epoch once, so both give the same
 label multiset per epoch; their orders differ.
 
+The PIL fallback reads the same shards by offset through the index files rather than streaming them with
+webdataset: random access is what makes exact per-epoch permutations and mid-epoch resume possible
+(webdataset's streaming readers cannot resume mid-epoch).
+
 Exact resume. `state_dict()` counts the batches the caller actually received (prefetched batches are not
 counted). DALI: the state holds DALI's own pipeline checkpoint (reader position and every random op's RNG
 state) taken after the last delivered batch, so a resumed loader yields exactly the same batches, random crops

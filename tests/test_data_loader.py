@@ -128,9 +128,13 @@ def test_state_dict_resumes_exactly(idx_data, backend, mode):
         expected = take(loader, 6)  # crosses the epoch boundary at sample 37
     with build_loader(path, 7, **kw) as resumed:
         resumed.load_state_dict(sd)
+        sd_again = resumed.state_dict()  # a checkpoint saved right after resuming, before any batch
         got = take(resumed, 6)
         assert resumed.state_dict()["epoch"] == 1
     assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+    with build_loader(path, 7, **kw) as again:
+        again.load_state_dict(sd_again)
+        assert torch.equal(take(again, 6)[0], expected[0])
     with build_loader(path, 7, **kw) as a, build_loader(path, 7, **kw) as b:  # same seed, same stream
         first = take(a, 4)
         assert torch.equal(first[0], take(b, 4)[0])
