@@ -82,6 +82,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.time()
     try:
         if a.cmd == "imagefolder":
+            src_real, out_real = os.path.realpath(a.src), os.path.realpath(a.out)
+            if out_real == src_real or out_real.startswith(src_real + os.sep):
+                raise ValueError(f"OUT {a.out!r} must not be inside SRC {a.src!r} (it would be scanned as a class)")
             classes, cands, rejected, seen = packmod.scan_imagefolder(a.src)
             m = packmod.pack(a.out, classes, cands, _settings(a), source_kind="imagefolder", source=a.src,
                              scan_rejected=rejected, files_seen=seen)

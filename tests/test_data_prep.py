@@ -132,6 +132,12 @@ def test_idx_errors_name_the_file(tmp_path, capsys):
     assert main(["idx", str(tmp_path / "missing"), str(tmp_path / "o"), "--quiet"]) == 2
     assert main(["imagefolder", str(tmp_path / "missing"), str(tmp_path / "o"), "--quiet"]) == 2
     assert "missing" in capsys.readouterr().err
+    make_imagefolder(str(tmp_path / "src"), per_class=1)
+    assert main(["imagefolder", str(tmp_path / "src"), str(tmp_path / "src" / "out"), "--quiet"]) == 2
+    assert "inside SRC" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse rejects it before anything runs
+        main(["imagefolder", str(tmp_path / "src"), str(tmp_path / "o"), "--shard-size", "0"])
+    assert "--shard-size" in capsys.readouterr().err
 
 
 def test_same_seed_same_bytes_any_worker_count(tmp_path):
