@@ -1,0 +1,52 @@
+"""CFG strength samplers for training (paper App. A.7, official `train.py`).
+
+One alpha per class label per step, shared by that label's N_neg generated samples:
+
+    "power"    p(alpha) ~ alpha^-k on [cfg_min, cfg_max], inverse CDF: with e = 1 - k and u ~ U(0, 1),
+               alpha = (cfg_min^e + u (cfg_max^e - cfg_min^e))^(1/e)   (k = 1: log-uniform)
+    "mixed"    alpha = 1 with probability no_cfg_frac, otherwise the power law (L/2: 50% at 1, k = 3)
+    "uniform"  alpha ~ U(cfg_min, cfg_max)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+ALPHA_DISTS = ("power", "mixed", "uniform")
+
+
+def power_law_icdf(u: torch.Tensor, cfg_min: float, cfg_max: float, k: float) -> torch.Tensor:
+    """Inverse CDF of p(alpha) ~ alpha^-k on [cfg_min, cfg_max], evaluated at u in [0, 1] (fp64 math)."""
+    if not (0 < cfg_min <= cfg_max):
+        raise ValueError(f"need 0 < cfg_min <= cfg_max, got {cfg_min}, {cfg_max}")
+    u = u.double()
+    if cfg_min == cfg_max:
+        return torch.full_like(u, cfg_min)
+    e = 1.0 - k
+    if abs(e) < 1e-12:  # k = 1: log-uniform
+        return torch.exp(math.log(cfg_min) + u * (math.log(cfg_max) - math.log(cfg_min)))
+    lo, hi = cfg_min ** e, cfg_max ** e
+    return (lo + u * (hi - lo)) ** (1.0 / e)
+
+
+def sample_alpha(n: int, *, dist: str = "power", cfg_min: float = 1.0, cfg_max: float = 4.0,
+                 neg_cfg_pw: float = 3.0, no_cfg_frac: float = 0.0,
+                 generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """n training alphas (float32 [n]); draws exactly 2n uniforms whatever `dist` (a fixed RNG budget)."""
+    if dist not in ALPHA_DISTS:
+        raise ValueError(f"dist must be one of {ALPHA_DISTS}, got {dist!r}")
+    if not (0.0 <= no_cfg_frac <= 1.0):
+        raise ValueError(f"no_cfg_frac must be in [0, 1], got {no_cfg_frac}")
+    if not (1.0 <= cfg_min <= cfg_max):
+        raise ValueError(f"need 1 <= cfg_min <= cfg_max, got cfg_min={cfg_min}, cfg_max={cfg_max}")
+    device = generator.device if (device is None and generator is not None) else device
+    u = torch.rand(2, n, generator=generator, device=device, dtype=torch.float64)
+    if dist == "uniform":
+        a = cfg_min + u[0] * (cfg_max - cfg_min)
+    else:
+        a = power_law_icdf(u[0], cfg_min, cfg_max, neg_cfg_pw)
+        if dist == "mixed":
+            a = torch.where(u[1] < no_cfg_frac, torch.ones_like(a), a)
+    return a.float()

@@ -1,0 +1,270 @@
+"""Demo metrics (SPEC §8): class accuracy and a Fréchet distance in the features of a small classifier.
+
+No external weights: a small CNN (`DemoClassifier`) is trained once on the demo dataset's train split
+(Fashion-MNIST, 28x28 grayscale, 10 classes) with a fixed seed and cached as a `.pt` state dict. Its
+penultimate activations are the feature space of the Fréchet distance (`fd`), in the spirit of FID but
+with a classifier that actually knows the dataset. Two references put `fd` in context:
+
+    fd_real_floor   10,000 real train images vs the 10,000 test images (what a perfect generator scores)
+    fd_class_mean   each test label's class-mean image plus faint noise vs the test images: a "generator"
+                    that is always recognisable but has no diversity (high accuracy, useless samples)
+
+Images everywhere are float tensors in [-1, 1], shape [N, 1, 28, 28]; labels are int64 [N].
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# IDX files (MNIST / Fashion-MNIST format)
+# ---------------------------------------------------------------------------------------------------
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (optionally gzipped; `path` may omit the `.gz`) into a numpy array."""
+    candidates = [path] if path.endswith(".gz") else [path, path + ".gz"]
+    found = next((p for p in candidates if os.path.exists(p)), None)
+    if found is None:
+        raise FileNotFoundError(f"IDX file not found: {path} (also tried {path}.gz)")
+    opener = gzip.open if found.endswith(".gz") else open
+    with opener(found, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{found} is not an IDX file (bad magic number)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    code, ndim = data[2], data[3]
+    if code not in dtypes:
+        raise ValueError(f"{found}: unknown IDX data type 0x{code:02x}")
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dtype = np.dtype(dtypes[code])
+    count = int(np.prod(dims)) if ndim else 0
+    offset = 4 + 4 * ndim
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"{found} is truncated: expected {count} items of shape {dims}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(dims)
+
+
+def load_idx_split(data_dir: str, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] as float32 [N, 1, H, W] and int64 labels [N] of the `split` ("train"|"test")."""
+    if split not in IDX_FILES:
+        raise ValueError(f"split must be one of {sorted(IDX_FILES)}, got {split!r}")
+    img_name, lbl_name = IDX_FILES[split]
+    images = read_idx(os.path.join(data_dir, img_name))
+    labels = read_idx(os.path.join(data_dir, lbl_name))
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{data_dir}: {split} images {images.shape} and labels {labels.shape} do not match")
+    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / 127.5 - 1.0
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classifier
+# ---------------------------------------------------------------------------------------------------
+
+class DemoClassifier(nn.Module):
+    """Small CNN for 28x28 grayscale images; `features` gives the penultimate (feature_dim) activations."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16, feature_dim: int = 128):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
+        self.fc = nn.Linear(4 * width * 3 * 3, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (N, w, 14, 14)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (N, 2w, 7, 7)
+        x = F.max_pool2d(F.relu(self.conv3(x)), 2)  # (N, 4w, 3, 3)
+        return F.relu(self.fc(x.flatten(1)))  # (N, feature_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 2, batch_size: int = 128,
+                     lr: float = 2e-3, seed: int = 0, num_classes: Optional[int] = None,
+                     log: Optional[Callable[[str], None]] = None) -> DemoClassifier:
+    """Train a DemoClassifier (AdamW, cosine LR, light random-shift augmentation) with a fixed seed."""
+    if images.dim() != 4 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"images must be [N, C, H, W] matching labels [N], got {tuple(images.shape)} "
+                         f"and {tuple(labels.shape)}")
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # parameter init
+    model = DemoClassifier(num_classes=num_classes, in_channels=images.shape[1])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    n = images.shape[0]
+    steps = epochs * ((n + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    model.train()
+    step = 0
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        correct = 0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            x, y = images[idx], labels[idx]
+            # Random shifts of up to 2 px keep the classifier from keying on exact pixel positions,
+            # which makes its features smoother for comparing generated images.
+            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            correct += int((logits.argmax(1) == y).sum())
+        if log is not None:
+            log(f"classifier epoch {epoch + 1}/{epochs}: train acc {correct / n:.4f}")
+    model.eval()
+    return model
+
+
+def load_or_train_classifier(cache_path: str, images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0,
+                             epochs: int = 2, log: Optional[Callable[[str], None]] = None) -> DemoClassifier:
+    """Load the cached classifier at `cache_path`, or train it (fixed seed) and cache it atomically."""
+    num_classes = int(labels.max()) + 1
+    if os.path.exists(cache_path):
+        try:
+            blob = torch.load(cache_path, map_location="cpu", weights_only=True)
+            model = DemoClassifier(num_classes=int(blob["num_classes"]), in_channels=int(blob["in_channels"]))
+            model.load_state_dict(blob["state_dict"])
+        except Exception as e:  # a corrupt cache is rebuilt rather than trusted
+            raise ValueError(f"classifier cache {cache_path} is unreadable ({e}); delete it to retrain") from e
+        if int(blob["seed"]) == seed and int(blob["epochs"]) == epochs and model.head.out_features == num_classes:
+            model.eval()
+            return model
+    model = train_classifier(images, labels, epochs=epochs, seed=seed, num_classes=num_classes, log=log)
+    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+    blob = {"state_dict": model.state_dict(), "num_classes": num_classes, "in_channels": images.shape[1],
+            "seed": seed, "epochs": epochs}
+    tmp = cache_path + ".tmp"
+    torch.save(blob, tmp)
+    os.replace(tmp, cache_path)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def classifier_outputs(model: DemoClassifier, images: torch.Tensor, batch_size: int = 1000):
+    """(penultimate features float64 [N, F], predicted labels int64 [N]) of `images` in [-1, 1]."""
+    feats, preds = [], []
+    model.eval()
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i:i + batch_size].float().cpu()
+        f = model.features(x)
+        feats.append(f.double())
+        preds.append(model.head(f).argmax(1))
+    return torch.cat(feats), torch.cat(preds)
+
+
+def feature_stats(feats: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean [F] and unbiased covariance [F, F] (float64 numpy) of features [N, F]."""
+    if feats.dim() != 2 or feats.shape[0] < 2:
+        raise ValueError(f"feats must be [N, F] with N >= 2, got {tuple(feats.shape)}")
+    x = feats.double().cpu().numpy()
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) for Gaussians; exact via symmetric eigendecompositions.
+
+    tr((S1 S2)^1/2) = sum of sqrt(eigvals(S1^1/2 S2 S1^1/2)), a symmetric PSD matrix, so no complex sqrtm.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"mismatched shapes: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
+    w1, v1 = np.linalg.eigh((s1 + s1.T) / 2)
+    sqrt_s1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+    m = sqrt_s1 @ ((s2 + s2.T) / 2) @ sqrt_s1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def fd_between(model: DemoClassifier, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between two image sets in the classifier's penultimate features."""
+    fa, _ = classifier_outputs(model, a)
+    fb, _ = classifier_outputs(model, b)
+    return frechet_distance(*feature_stats(fa), *feature_stats(fb))
+
+
+def class_mean_images(images: torch.Tensor, labels: torch.Tensor, query_labels: torch.Tensor, *,
+                      noise_std: float = 0.05, seed: int = 0) -> torch.Tensor:
+    """The class-mean "generator": the mean train image of each query label plus faint Gaussian noise."""
+    num_classes = int(labels.max()) + 1
+    means = torch.stack([images[labels == c].mean(0) for c in range(num_classes)])  # (K, C, H, W)
+    g = torch.Generator().manual_seed(seed)
+    out = means[query_labels] + noise_std * torch.randn(means[query_labels].shape, generator=g)
+    return out.clamp(-1, 1)
+
+
+class DemoEvaluator:
+    """Holds the classifier and the real-data reference statistics; scores generated image sets."""
+
+    def __init__(self, data_dir: str, cache_dir: str, *, num_eval: int = 10000, seed: int = 0,
+                 classifier_epochs: int = 2, log: Optional[Callable[[str], None]] = None):
+        self.train_x, self.train_y = load_idx_split(data_dir, "train")
+        test_x, test_y = load_idx_split(data_dir, "test")
+        if num_eval > test_x.shape[0]:
+            raise ValueError(f"num_eval={num_eval} exceeds the {test_x.shape[0]} test images")
+        self.test_x, self.test_y = test_x[:num_eval], test_y[:num_eval]
+        self.num_eval = num_eval
+        self.seed = seed
+        cache = os.path.join(cache_dir, f"demo_classifier_seed{seed}_ep{classifier_epochs}.pt")
+        self.model = load_or_train_classifier(cache, self.train_x, self.train_y, seed=seed,
+                                              epochs=classifier_epochs, log=log)
+        test_feats, test_pred = classifier_outputs(self.model, self.test_x)
+        self.test_accuracy = float((test_pred == self.test_y).float().mean())
+        self.test_stats = feature_stats(test_feats)
+        self._references: Optional[Dict[str, float]] = None
+
+    def fd_to_test(self, images: torch.Tensor) -> float:
+        feats, _ = classifier_outputs(self.model, images)
+        return frechet_distance(*feature_stats(feats), *self.test_stats)
+
+    def references(self) -> Dict[str, float]:
+        """fd_real_floor (train subset vs test) and fd_class_mean (class means + noise vs test)."""
+        if self._references is None:
+            g = torch.Generator().manual_seed(self.seed + 1)
+            idx = torch.randperm(self.train_x.shape[0], generator=g)[: self.num_eval]
+            cm = class_mean_images(self.train_x, self.train_y, self.test_y, seed=self.seed)
+            _, cm_pred = classifier_outputs(self.model, cm)
+            self._references = {
+                "fd_real_floor": self.fd_to_test(self.train_x[idx]),
+                "fd_class_mean": self.fd_to_test(cm),
+                "class_accuracy_class_mean": float((cm_pred == self.test_y).float().mean()),
+                "classifier_test_accuracy": self.test_accuracy,
+            }
+        return dict(self._references)
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+        """class_accuracy and fd of generated `images` (conditioned on `labels`), plus the references."""
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in count")
+        feats, pred = classifier_outputs(self.model, images)
+        out = {"class_accuracy": float((pred == labels.cpu()).float().mean()),
+               "fd": frechet_distance(*feature_stats(feats), *self.test_stats)}
+        out.update(self.references())
+        out["fd_over_class_mean"] = out["fd"] / max(out["fd_class_mean"], 1e-12)
+        return out

@@ -1,0 +1,449 @@
+"""The Drifting Model trainer: class-batched step (paper Alg. 1, §4 batching), DDP, compile, checkpoints.
+
+    from drift.config import TrainConfig
+    from drift.trainer import train
+    summary = train(TrainConfig.from_preset("demo", data_path="data/fmnist"))
+
+One step (SPEC §6; paper notes §10, §14):
+  1. push the latest loader batch (push_per_step reals) into the class queues and the global queue;
+  2. sample N_c labels without replacement from that batch's labels, one alpha per label;
+  3. per label: N_neg noises and style indices -> generator; N_pos positives from its class queue and
+     N_unc unconditional reals from the global queue, with CFG weight w = (alpha - 1)(N_neg - 1)/N_unc;
+  4. features of all three (generated with gradient); per key the field over rows (label, location)
+     grouped without copies ([N_c*G, L, D] -> [N_c, L, G, D]); loss = sum over keys of the row mean;
+  5. AdamW(0.9, 0.95), linear warmup from 1e-6 then constant LR, clip 2.0, EMA update(s).
+
+Randomness. Every random draw of step s comes from generators seeded by (seed, s) - one shared by all ranks
+for the labels and alphas, one per global label slot for its noise, style and queue draws - so a resumed run
+replays the uninterrupted run exactly, and a DDP run computes the same slots as a single process holding
+the same data (rank r handles slots [r*N_c/W, (r+1)*N_c/W)). Queues are per rank (official per-host banks).
+
+DDP: the field's scale and per-temperature RMS are all-reduced over ranks (process_group), DDP averages the
+gradients, so W ranks reproduce the single-process step. The step makes no host sync except every
+`log_every` steps (loss, grad norm, finiteness), where a non-finite loss writes a crash checkpoint and raises.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from drift import checkpoint as ckpt
+from drift.alpha import sample_alpha
+from drift.config import TrainConfig
+from drift.dist import DistInfo, barrier, cleanup_distributed, init_distributed, print0
+from drift.ema import EMA
+from drift.loss import drifting_loss
+from drift.tracking import init_tracking
+
+LR_START = 1e-6  # official: linear warmup starts at 1e-6
+_MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant for seed mixing
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss becomes NaN/Inf (after a crash checkpoint was written)."""
+
+
+def step_seed(seed: int, step: int, slot: int = -1) -> int:
+    """Deterministic 63-bit seed for (run seed, step, slot); slot -1 is the step's shared stream."""
+    x = (seed * _MIX + (step + 1) * 0xBF58476D1CE4E5B9 + (slot + 2) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup from 1e-6 to cfg.lr over warmup_steps, then constant (official schedule)."""
+    if cfg.warmup_steps <= 0 or step >= cfg.warmup_steps:
+        return cfg.lr
+    return LR_START + (cfg.lr - LR_START) * step / cfg.warmup_steps
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def build_generator_model(cfg: TrainConfig, num_classes: int, input_size: int, in_channels: int):
+    from drift.model import DRIFT_MODELS
+    if cfg.model not in DRIFT_MODELS:
+        raise ValueError(f"model must be one of {sorted(DRIFT_MODELS)}, got {cfg.model!r}")
+    kw = cfg.model_kwargs()
+    return DRIFT_MODELS[cfg.model](num_classes=num_classes, input_size=input_size, in_channels=in_channels,
+                                   grad_checkpointing=cfg.grad_checkpointing, **kw)
+
+
+def build_features(cfg: TrainConfig, device):
+    from drift.features import build_feature_extractor
+    if cfg.features == "pixels":
+        ex = build_feature_extractor("pixels")
+    else:
+        kw: Dict[str, Any] = {"weights": cfg.feature_weights or None}
+        if cfg.feature_vae:
+            kw["vae"] = cfg.feature_vae
+        ex = build_feature_extractor(cfg.features, **kw)
+    return ex.to(device)
+
+
+class Trainer:
+    """Holds the run state; `run()` trains to cfg.max_steps. Use `train(cfg)` for the one-call form."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: Optional[str] = None,
+                 loader_factory: Optional[Callable[[TrainConfig, DistInfo], Any]] = None,
+                 info: Optional[DistInfo] = None):
+        from drift.queues import ClassQueues, GlobalQueue
+
+        self.cfg = cfg.validate()
+        self.info = info if info is not None else init_distributed(cfg.device)
+        self.device = self.info.device
+        if cfg.threads and self.device.type == "cpu":
+            torch.set_num_threads(cfg.threads)
+        W = self.info.world_size
+        if cfg.train_batch_size % W:
+            raise ValueError(f"train_batch_size={cfg.train_batch_size} must be divisible by the {W} ranks")
+        self.nc_local = cfg.train_batch_size // W
+        self.pg = dist.group.WORLD if self.info.is_ddp else None
+
+        # ----- data -----
+        if loader_factory is not None:
+            self.loader = loader_factory(cfg, self.info)
+        else:
+            if not cfg.data_path:
+                raise ValueError("data_path is empty: point --data-path at a drift-prep shard directory")
+            from drift.data import build_loader
+            self.loader = build_loader(cfg.data_path, cfg.push_per_step, mode=cfg.augment,
+                                       image_size=cfg.image_size or None, output="float", device=self.device,
+                                       rank=self.info.rank, world_size=W, seed=cfg.seed,
+                                       backend=cfg.loader_backend, num_threads=cfg.loader_threads)
+        self.num_classes = int(self.loader.num_classes)
+        self.item_shape = (int(self.loader.channels), int(self.loader.image_size), int(self.loader.image_size))
+
+        # ----- model, EMA, features, optimizer -----
+        torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts it)
+        self.model = build_generator_model(cfg, self.num_classes, self.item_shape[1], self.item_shape[0])
+        self.model.to(self.device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.features = build_features(cfg, self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr_at(cfg, 0),
+                                     betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        self.cq = ClassQueues(self.num_classes, cfg.positive_bank_size, self.item_shape, self.device)
+        self.gq = GlobalQueue(cfg.negative_bank_size, self.item_shape, self.device)
+        self.step = 0
+        self.loop_state: Dict[str, Any] = {"train_time_s": 0.0}
+
+        self.ddp_model = self.model
+        if self.info.is_ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DDP(self.model, device_ids=ids)
+        self.gen_fn = self.ddp_model
+        self.feat_fn = self.features
+        if cfg.compile:
+            self.gen_fn = torch.compile(self.ddp_model, dynamic=False)
+            if any(True for _ in self.features.parameters()):
+                self.feat_fn = torch.compile(self.features, dynamic=False)
+
+        self.out_dir = cfg.out_dir
+        if self.info.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+        barrier()
+        ckpt_dir = ckpt.resolve_checkpoint(resume, self.out_dir) if resume else None
+        if ckpt_dir is not None:
+            self._restore(ckpt_dir)
+        else:
+            self._fill_queues()
+        self.autocast = (self.device.type == "cuda" and cfg.bf16)
+
+    # ------------------------------------------------------------------------------------------------
+    # Queues
+    # ------------------------------------------------------------------------------------------------
+    def _push_batch(self) -> None:
+        images, labels = next(self.loader)
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        self.cq.push(images, labels, check=False)
+        self.gq.push(images)
+
+    def _fill_queues(self) -> None:
+        """Before step 0: push batches until every class queue holds min(N_pos, bank) items (host-side loop)."""
+        need = min(self.cfg.pos_per_sample, self.cfg.positive_bank_size)
+        limit = self.cfg.queue_warmup_batches
+        n = 0
+        while True:
+            self._push_batch()
+            n += 1
+            if limit:
+                if n >= limit:
+                    break
+            elif bool((self.cq.count() >= need).all()) or n >= 100000:
+                break
+        if not bool((self.cq.count() > 0).all()):
+            empty = torch.nonzero(self.cq.count() == 0).flatten().tolist()
+            raise ValueError(f"class queues {empty[:10]} are still empty after {n} loader batches; "
+                             f"does {self.cfg.data_path or 'the data'} contain every class?")
+        self.loop_state["fill_batches"] = n
+
+    # ------------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------------
+    def _sample_inputs(self, step: int):
+        """Labels, alphas, noise, style, positives and unconditional negatives of this rank's slots."""
+        cfg, dev = self.cfg, self.device
+        G, P, U = cfg.gen_per_label, cfg.pos_per_sample, cfg.neg_per_sample
+        g = _generator(dev, step_seed(cfg.seed, step))
+        pool = self.cq.last_labels  # labels of the latest loader batch on this rank
+        nc = cfg.train_batch_size
+        keys = torch.rand(pool.shape[0], generator=g, device=dev)
+        if nc <= pool.shape[0]:
+            labels = pool[keys.argsort()[:nc]]
+        else:  # a batch smaller than N_c: with replacement (documented deviation)
+            labels = pool[torch.randint(pool.shape[0], (nc,), generator=g, device=dev)]
+        alpha = sample_alpha(nc, dist=cfg.alpha_dist, cfg_min=cfg.cfg_min, cfg_max=cfg.cfg_max,
+                             neg_cfg_pw=cfg.neg_cfg_pw, no_cfg_frac=cfg.no_cfg_frac, generator=g, device=dev)
+        lo = self.info.rank * self.nc_local
+        labels, alpha = labels[lo:lo + self.nc_local], alpha[lo:lo + self.nc_local]
+        noise, style, pos, unc = [], [], [], []
+        for i in range(self.nc_local):
+            gi = _generator(dev, step_seed(cfg.seed, step, lo + i))
+            noise.append(torch.randn(G, *self.item_shape, generator=gi, device=dev))
+            style.append(self.model.sample_style(G, gi, dev))
+            pos.append(self.cq.sample(labels[i:i + 1], P, gi, check=False))
+            if U:
+                unc.append(self.gq.sample(1, U, gi, check=False))
+        out = {
+            "labels": labels, "alpha": alpha,
+            "noise": torch.cat(noise), "style": torch.cat(style),  # (n*G, C, H, W), (n*G, 32)
+            "pos": torch.cat(pos).flatten(0, 1),  # (n*P, C, H, W)
+            "unc": torch.cat(unc).flatten(0, 1) if U else None,  # (n*U, C, H, W)
+        }
+        return out
+
+    def _loss(self, batch) -> Dict[str, Any]:
+        cfg = self.cfg
+        n, G, P, U = self.nc_local, cfg.gen_per_label, cfg.pos_per_sample, cfg.neg_per_sample
+        labels_rep = batch["labels"].repeat_interleave(G)
+        alpha_rep = batch["alpha"].repeat_interleave(G)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            x = self.gen_fn(batch["noise"], labels_rep, alpha_rep, batch["style"])  # (n*G, C, H, W)
+            f_gen = self.feat_fn(x)
+            with torch.no_grad():
+                f_pos = self.feat_fn(batch["pos"])
+                f_unc = self.feat_fn(batch["unc"]) if U else None
+        w = None
+        if U:
+            w = (batch["alpha"] - 1.0) * (G - 1) / U  # (n,) official uncond weight
+        per_key, rms = {}, {}
+        total = None
+        for k, fg in f_gen.items():
+            L, D = fg.shape[1:]
+            gk = fg.view(n, G, L, D).transpose(1, 2)  # (n, L, G, D)
+            pk = f_pos[k].view(n, P, L, D).transpose(1, 2)  # (n, L, P, D)
+            nk = wk = None
+            if U:
+                nk = f_unc[k].view(n, U, L, D).transpose(1, 2)  # (n, L, U, D)
+                wk = w.view(n, 1, 1).expand(n, L, U).to(torch.float32)
+            lk, info = drifting_loss(gk, pk, nk, wk, temperatures=cfg.R_list, normalization=cfg.normalization,
+                                     backend=cfg.field_backend, process_group=self.pg, check_finite=False)
+            lk = lk.mean()  # mean over (label, location) rows
+            per_key[k] = lk
+            rms[k] = info["force_rms"].mean()
+            total = lk if total is None else total + lk  # keys summed with equal weight
+        return {"loss": total, "per_key": per_key, "force_rms": rms}
+
+    def train_step(self, step: int) -> Dict[str, Any]:
+        """One optimizer step (no host sync). Returns device tensors for logging."""
+        cfg = self.cfg
+        self._push_batch()
+        batch = self._sample_inputs(step)
+        self.model.train()
+        out = self._loss(batch)
+        out["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        lr = lr_at(cfg, step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        out["grad_norm"] = grad_norm
+        out["lr"] = lr
+        return out
+
+    def warmup_compile(self) -> None:
+        """Run the compiled forward/backward once on throwaway inputs, then restore every touched state.
+
+        Compilation happens outside the measured/trained trajectory: parameters, gradients and the global
+        RNG are put back exactly, and no queue, loader or optimizer state is advanced."""
+        if not self.cfg.compile:
+            return
+        params = [p.detach().clone() for p in self.model.parameters()]
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        batch = self._sample_inputs(-1)  # the step -1 stream is never used for training
+        self.model.train()
+        self._loss(batch)["loss"].backward()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, saved in zip(self.model.parameters(), params):
+                p.copy_(saved)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+    # ------------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------------
+    def _rank_state(self) -> dict:
+        st = {"queues": {"class": self.cq.state_dict(), "global": self.gq.state_dict()},
+              "loader": self.loader.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+        if self.device.type == "cuda":
+            st["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        return st
+
+    def _class_names(self) -> List[str]:
+        names = getattr(self.loader, "classes", None)
+        if isinstance(names, dict):
+            return [str(names.get(str(i), names.get(i, i))) for i in range(self.num_classes)]
+        if isinstance(names, (list, tuple)) and len(names) == self.num_classes:
+            return [str(n) for n in names]
+        return [str(i) for i in range(self.num_classes)]
+
+    def save(self, crash: bool = False) -> str:
+        cfg = self.cfg
+        tmp = None
+        if self.info.is_main:
+            tmp = ckpt.staging_dir(self.out_dir, self.step, crash)
+        barrier()
+        tmp = os.path.join(ckpt.ckpt_root(self.out_dir), ckpt.step_name(self.step, crash) + ".tmp")
+        if self.info.is_main:
+            meta = {"step": self.step, "config": cfg.to_dict(), "world_size": self.info.world_size,
+                    "loop_state": dict(self.loop_state), "num_classes": self.num_classes,
+                    "item_shape": list(self.item_shape), "torch": torch.__version__, "crash": crash,
+                    "class_names": self._class_names()}
+            ckpt.write_shared(tmp, model_state=self.model.state_dict(), ema_state=self.ema.state_dict(),
+                              optim_state=self.opt.state_dict(), meta=meta)
+        ckpt.write_rank(tmp, self.info.rank, self._rank_state())
+        barrier()
+        path = os.path.join(ckpt.ckpt_root(self.out_dir), ckpt.step_name(self.step, crash))
+        if self.info.is_main:
+            path = ckpt.finalize(self.out_dir, self.step, crash=crash, keep=cfg.keep_ckpts)
+        barrier()
+        return path
+
+    def _restore(self, ckpt_dir: str) -> None:
+        state = ckpt.load_checkpoint(ckpt_dir, self.info.rank, map_location=self.device)
+        meta = state["meta"]
+        ckpt.check_compatible(meta, self.cfg, self.info.world_size, ckpt_dir)
+        if meta.get("item_shape") and tuple(meta["item_shape"]) != self.item_shape:
+            raise ckpt.CheckpointError(f"checkpoint {ckpt_dir} was trained on items of shape "
+                                       f"{tuple(meta['item_shape'])}, the data gives {self.item_shape}")
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optim"])
+            self.cq.load_state_dict(state["rank"]["queues"]["class"])
+            self.gq.load_state_dict(state["rank"]["queues"]["global"])
+            self.loader.load_state_dict(state["rank"]["loader"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {ckpt_dir} does not fit this run: {e}") from e
+        torch.set_rng_state(state["rank"]["rng"]["torch"].cpu())
+        if self.device.type == "cuda" and "cuda" in state["rank"]["rng"]:
+            torch.cuda.set_rng_state(state["rank"]["rng"]["cuda"].cpu(), self.device)
+        self.step = int(meta["step"])
+        self.loop_state.update(meta.get("loop_state", {}))
+        print0(f"resumed from {ckpt_dir} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        cfg, info = self.cfg, self.info
+        wb = init_tracking(cfg.wandb, project=cfg.wandb_project,
+                           name=cfg.run_name or os.path.basename(os.path.abspath(cfg.out_dir)),
+                           config=cfg.to_dict(), dir=cfg.out_dir, is_main=info.is_main)
+        if info.is_main:
+            cfg.save_json(os.path.join(cfg.out_dir, "config.json"))
+        log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        start = self.step
+        if info.is_main and start == 0 and os.path.exists(log_path):
+            os.remove(log_path)  # a fresh run starts a fresh log; a resumed one appends
+        bar = None
+        if info.is_main and cfg.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True)
+        self.warmup_compile()
+        imgs_per_step = cfg.train_batch_size * cfg.gen_per_label  # generated images per step, all ranks
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        history: List[dict] = []
+        t_window, steps_window = time.time(), 0
+        t_run = time.time()
+        train_time0 = float(self.loop_state.get("train_time_s", 0.0))
+        while True:
+            last_step = self.step >= cfg.max_steps
+            if self.step > start and (last_step or self.step % cfg.ckpt_every == 0):
+                self.loop_state["train_time_s"] = train_time0 + time.time() - t_run
+                self.save()
+            if last_step:
+                break
+            out = self.train_step(self.step)
+            finite &= torch.isfinite(out["loss"])
+            steps_window += 1
+            step_done = self.step
+            self.step += 1
+            if (step_done % cfg.log_every == 0) or self.step >= cfg.max_steps:
+                # (CPU action) the only host syncs: reduce across ranks, then read the values.
+                vals = torch.stack([out["loss"].detach(), out["grad_norm"].detach().float()]
+                                   + [v.detach() for v in out["per_key"].values()]
+                                   + [v.detach() for v in out["force_rms"].values()])
+                if info.is_ddp:
+                    dist.all_reduce(vals, op=dist.ReduceOp.SUM)
+                    vals = vals / info.world_size
+                    flag = finite.to(torch.int32)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                    finite = flag.bool()
+                vals = vals.tolist()
+                if not bool(finite):
+                    path = self.save(crash=True)
+                    if bar is not None:
+                        bar.close()
+                    wb.finish()
+                    raise NonFiniteLossError(f"non-finite loss at or before step {step_done} "
+                                             f"(loss={vals[0]}); crash checkpoint written to {path}")
+                dt = time.time() - t_window
+                keys = list(out["per_key"])
+                rec = {"step": step_done, "loss": vals[0], "lr": out["lr"],
+                       "img_per_s": imgs_per_step * steps_window / max(dt, 1e-9), "grad_norm": vals[1]}
+                rec.update({f"loss/{k}": v for k, v in zip(keys, vals[2:2 + len(keys)])})
+                rec.update({f"force_rms/{k}": v for k, v in zip(keys, vals[2 + len(keys):])})
+                history.append(rec)
+                if info.is_main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    wb.log(rec, step=step_done)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+                t_window, steps_window = time.time(), 0
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        wb.finish()
+        return {"step": self.step, "history": history, "out_dir": cfg.out_dir,
+                "train_time_s": train_time0 + time.time() - t_run}
+
+
+def train(cfg: TrainConfig, *, resume: Optional[str] = None,
+          loader_factory: Optional[Callable[[TrainConfig, DistInfo], Any]] = None) -> Dict[str, Any]:
+    """Train to cfg.max_steps (resuming from `resume`: 'auto' or a checkpoint directory); returns a summary."""
+    trainer = Trainer(cfg, resume=resume, loader_factory=loader_factory)
+    try:
+        return trainer.run()
+    finally:
+        close = getattr(trainer.loader, "close", None)
+        if close is not None:
+            close()

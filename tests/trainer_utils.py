@@ -1,0 +1,64 @@
+"""Test helpers for the trainer tests: a deterministic in-memory loader with the drift.data contract."""
+from __future__ import annotations
+
+import torch
+
+
+class TensorLoader:
+    """Infinite (images [B, C, H, W] in [-1, 1], labels int64 [B]) batches drawn from fixed tensors.
+
+    Order is a pure function of (seed, epoch), so `state_dict()` is just the number of batches served.
+    Rank and world size are ignored on purpose: every rank sees the same stream, which makes a DDP run
+    comparable to a single process holding the same data.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int = 0,
+                 num_classes: int = None):
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+        self.channels, self.image_size = images.shape[1], images.shape[2]
+        self.num_samples = images.shape[0]
+        self.served = 0
+
+    def __iter__(self):
+        return self
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+
+    def __next__(self):
+        idx = []
+        for k in range(self.served * self.batch_size, (self.served + 1) * self.batch_size):
+            epoch, pos = divmod(k, self.num_samples)
+            idx.append(int(self._order(epoch)[pos]))
+        self.served += 1
+        idx = torch.tensor(idx)
+        return self.images[idx].clone(), self.labels[idx].clone()
+
+    def state_dict(self) -> dict:
+        return {"served": self.served, "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["batch_size"] != self.batch_size or sd["seed"] != self.seed:
+            raise ValueError("loader state from another loader configuration")
+        self.served = int(sd["served"])
+
+
+def toy_images(n: int = 96, num_classes: int = 4, size: int = 8, seed: int = 0):
+    """Class-dependent blobs: class c is a bright square at a class-specific place plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    x = -torch.ones(n, 1, size, size)
+    for c in range(num_classes):
+        r, q = divmod(c, 2)
+        x[labels == c, :, r * size // 2:(r + 1) * size // 2, q * size // 2:(q + 1) * size // 2] = 0.8
+    x = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    return x, labels
+
+
+def loader_factory(images, labels, seed: int = 0):
+    def make(cfg, info):
+        return TensorLoader(images, labels, cfg.push_per_step, seed=seed)
+    return make
