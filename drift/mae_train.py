@@ -13,14 +13,14 @@ The last ``cls_ft_steps`` steps add the classification fine-tune: a linear head 
 lambda * CE + (1 - lambda) * recon with lambda ramping 0 -> cls_weight over ``cls_ramp_steps``.
 
 Outputs in --out: ``config.json`` (resolved config), ``log.jsonl`` (one JSON object per logged step: step,
-loss, recon, ce, acc, lr, cls_weight, mask_frac, img_per_s), checkpoints ``ckpt/step_XXXXXXXX.pt`` (atomic;
-``--resume`` continues from the newest with identical per-step losses), and ``mae_encoder.pt`` (the EMA weights
-+ architecture), which `build_feature_extractor("mae-latent" | "mae-pixel" | "mae", weights=...)` loads.
+loss, recon, ce, acc, lr, cls_weight, mask_frac, img_per_s), checkpoints ``checkpoints/step_XXXXXXX/`` in the
+`drift.checkpoint` layout (atomic; ``--resume auto`` continues from the newest with identical per-step losses),
+and ``mae_encoder.pt`` (the EMA weights + architecture), which
+`build_feature_extractor("mae-latent" | "mae-pixel" | "mae", weights=...)` loads (a checkpoint directory works too).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -32,7 +32,11 @@ from typing import List, Optional
 
 import torch
 
+from drift import checkpoint as ckpt
+from drift.dist import all_reduce_mean, barrier, cleanup_distributed, init_distributed, print0
+from drift.ema import EMA
 from drift.encoders.mae_resnet import MAEConfig, MAEResNet, random_patch_mask
+from drift.tracking import init_tracking
 
 
 @dataclass
@@ -67,7 +71,7 @@ class MAETrainConfig:
     log_every: int = 10             # steps between log.jsonl lines (the only host syncs)
     ckpt_every: int = 1000          # steps between checkpoints (one is also written at the end)
     keep_ckpts: int = 2             # newest checkpoints kept
-    resume: bool = False            # continue from the newest checkpoint in out/ckpt
+    resume: str = ""                # "auto" (newest checkpoint in out, if any) or a checkpoint directory
     compile: bool = False           # torch.compile the model
     precision: str = "auto"         # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"            # auto | cpu | cuda
@@ -158,46 +162,10 @@ def cls_weight_at(cfg: MAETrainConfig, step: int) -> float:
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _dist_env():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, local, world
-
-
-def _ckpt_dir(cfg) -> str:
-    return os.path.join(cfg.out, "ckpt")
-
-
-def _ckpt_path(cfg, step: int) -> str:
-    return os.path.join(_ckpt_dir(cfg), f"step_{step:08d}.pt")
-
-
-def list_checkpoints(cfg) -> List[str]:
-    d = _ckpt_dir(cfg)
-    if not os.path.isdir(d):
-        return []
-    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.startswith("step_") and f.endswith(".pt"))
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # readers never see a half-written checkpoint
-
-
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        e = [p for p in ema.parameters()]
-        m = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(e, m, 1.0 - decay)
-        for be, bm in zip(ema.buffers(), model.buffers()):
-            be.copy_(bm)
-
-
 def _arch_fields(cfg: MAETrainConfig) -> dict:
     """Fields a checkpoint must agree on to be resumed (everything that shapes tensors or the trajectory)."""
-    keys = ("data", "image_size", "vae", "width", "layers", "patch_size", "batch_size", "seed")
+    keys = ("data", "image_size", "vae", "width", "layers", "patch_size", "batch_size", "seed", "steps",
+            "cls_ft_steps")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -209,23 +177,11 @@ def train(cfg: MAETrainConfig) -> dict:
     from drift.schema import read_manifest
 
     validate(cfg)
-    rank, local_rank, world = _dist_env()
-    if cfg.device == "auto":
-        dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{local_rank}")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    pg = None
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        pg = dist.group.WORLD
+    info = init_distributed(cfg.device)
+    dev, rank, world, is_main = info.device, info.rank, info.world_size, info.is_main
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
     per_rank = cfg.batch_size // world
-    is_main = rank == 0
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
 
     manifest = read_manifest(cfg.data)
@@ -252,22 +208,18 @@ def train(cfg: MAETrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = MAEResNet(mcfg).to(dev)
-    ema = copy.deepcopy(model).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
+    ema = EMA(model, [cfg.ema_decay])
     opt = torch.optim.AdamW(model.parameters(), lr=lr_at(cfg, 0), betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + rank + 1)  # masks (+ VAE posterior)
 
     step = 0
-    if cfg.resume:
-        ckpts = list_checkpoints(cfg)
-        if ckpts:
-            step = _load_checkpoint(ckpts[-1], cfg, mcfg, model, ema, opt, loader, gen, dev)
-            if is_main:
-                print(f"drift-mae: resumed from {ckpts[-1]} at step {step}")
+    src = ckpt.resolve_checkpoint(cfg.resume, cfg.out) if cfg.resume else None
+    if src is not None:
+        step = _restore(src, cfg, mcfg, world, rank, model, ema, opt, loader, gen, dev)
+        print0(f"drift-mae: resumed from {src} at step {step}")
     if is_main:
-        os.makedirs(_ckpt_dir(cfg), exist_ok=True)
+        os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg), "model": mcfg.to_dict(), "world_size": world}, f, indent=1)
 
@@ -278,12 +230,11 @@ def train(cfg: MAETrainConfig) -> dict:
     if cfg.compile:
         net = torch.compile(net)
 
-    tracker = _make_tracker(cfg, is_main)
+    tracker = init_tracking(cfg.wandb, project=cfg.wandb_project, name=None, config=dataclasses.asdict(cfg),
+                            dir=cfg.out, is_main=is_main)
     log_path = os.path.join(cfg.out, "log.jsonl")
-    if is_main and not cfg.resume and os.path.exists(log_path):
-        os.remove(log_path)
-    if is_main and cfg.resume:
-        _truncate_log(log_path, step)
+    if is_main:
+        _truncate_log(log_path, step)  # a fresh run starts an empty log; a resumed one drops lines past its step
     bar = None
     if is_main and cfg.progress:
         from tqdm import tqdm
@@ -305,29 +256,25 @@ def train(cfg: MAETrainConfig) -> dict:
             n, _, h, w = x.shape
             mask = random_patch_mask(n, h // patch, w // patch, generator=gen, device=dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, info = net(x, y, cls_weight=cls_w, mask=mask)
+                loss, stats = net(x, y, cls_weight=cls_w, mask=mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step()
-            _ema_update(ema, model, cfg.ema_decay)
+            ema.update(model)
             step += 1
             imgs_since += cfg.batch_size
             if bar is not None:
                 bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                vals = torch.stack([loss.detach().float(), info["recon"].float(), info["ce"].float(),
-                                    info["acc"].float(), info["mask_frac"].float()])
-                if pg is not None:
-                    import torch.distributed as dist
-                    dist.all_reduce(vals, group=pg)
-                    vals /= world
-                v = vals.tolist()  # the one host sync per logged step
+                vals = torch.stack([loss.detach().float(), stats["recon"].float(), stats["ce"].float(),
+                                    stats["acc"].float(), stats["mask_frac"].float()])
+                v = all_reduce_mean(vals).tolist()  # the one host sync per logged step
                 if not all(math.isfinite(t) for t in v[:2]):
-                    _save_checkpoint(cfg, mcfg, step, model, ema, opt, loader, gen, is_main, crash=True)
+                    path = _save(cfg, mcfg, info, step, model, ema, opt, loader, gen, crash=True)
                     raise FloatingPointError(f"drift-mae: non-finite loss {v[0]} at step {step}; "
-                                             f"crash checkpoint written to {_ckpt_dir(cfg)}")
+                                             f"crash checkpoint written to {path}")
                 now = time.perf_counter()
                 last = {"step": step, "loss": v[0], "recon": v[1], "ce": v[2], "acc": v[3], "mask_frac": v[4],
                         "lr": lr, "cls_weight": lam, "img_per_s": imgs_since / max(now - t_last, 1e-9)}
@@ -339,9 +286,12 @@ def train(cfg: MAETrainConfig) -> dict:
                     if bar is not None:
                         bar.set_postfix(loss=f"{v[0]:.4f}", img_s=f"{last['img_per_s']:.0f}")
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                _save_checkpoint(cfg, mcfg, step, model, ema, opt, loader, gen, is_main)
+                _save(cfg, mcfg, info, step, model, ema, opt, loader, gen)
         if is_main:
-            _atomic_save({"config": mcfg.to_dict(), "ema": ema.state_dict()}, os.path.join(cfg.out, "mae_encoder.pt"))
+            export = {"config": mcfg.to_dict(), "ema": ema.models[ema.decays[0]].state_dict()}
+            tmp = os.path.join(cfg.out, "mae_encoder.pt.tmp")
+            torch.save(export, tmp)
+            os.replace(tmp, os.path.join(cfg.out, "mae_encoder.pt"))
     finally:
         if bar is not None:
             bar.close()
@@ -351,61 +301,62 @@ def train(cfg: MAETrainConfig) -> dict:
     return last
 
 
-def _save_checkpoint(cfg, mcfg, step, model, ema, opt, loader, gen, is_main, crash=False):
-    # every rank's loader and mask-generator position differ; gather them so rank 0 can write one file
-    state = {"loader": loader.state_dict(), "gen": gen.get_state()}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_rank = [state]
-    if world > 1:
-        import torch.distributed as dist
-        per_rank = [None] * world
-        dist.all_gather_object(per_rank, state)
-    if not is_main:
-        return
-    obj = {
-        "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-        "config": mcfg.to_dict(), "train_config": _arch_fields(cfg), "per_rank": per_rank,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    path = _ckpt_path(cfg, step) if not crash else os.path.join(_ckpt_dir(cfg), f"crash_{step:08d}.pt")
-    os.makedirs(_ckpt_dir(cfg), exist_ok=True)
-    _atomic_save(obj, path)
-    if not crash:
-        for old in list_checkpoints(cfg)[:-cfg.keep_ckpts]:
-            os.remove(old)
+def _meta(cfg, mcfg, step, world, crash=False) -> dict:
+    return {"kind": "drift-mae", "step": step, "config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
+            "world_size": world, "crash": crash, "torch": torch.__version__}
 
 
-def _load_checkpoint(path, cfg, mcfg, model, ema, opt, loader, gen, dev) -> int:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from None
-    if not isinstance(obj, dict) or "model" not in obj or "step" not in obj:
-        raise ValueError(f"checkpoint {path} is not a drift-mae checkpoint")
-    if obj.get("config") != mcfg.to_dict():
-        raise ValueError(f"checkpoint {path} has model config {obj.get('config')}, this run builds {mcfg.to_dict()}")
+def _save(cfg, mcfg, info, step, model, ema, opt, loader, gen, crash=False) -> str:
+    """drift.checkpoint layout: rank 0 writes model/EMA/optimizer/meta, every rank its loader + RNG state."""
+    if info.is_main:
+        ckpt.staging_dir(cfg.out, step, crash)
+    barrier()
+    tmp = os.path.join(ckpt.ckpt_root(cfg.out), ckpt.step_name(step, crash) + ".tmp")
+    if info.is_main:
+        ckpt.write_shared(tmp, model_state=model.state_dict(), ema_state=ema.state_dict(),
+                          optim_state=opt.state_dict(), meta=_meta(cfg, mcfg, step, info.world_size, crash))
+    rank_state = {"loader": loader.state_dict(), "gen": gen.get_state(), "rng_cpu": torch.get_rng_state(),
+                  "rng_cuda": torch.cuda.get_rng_state(info.device) if info.device.type == "cuda" else None}
+    ckpt.write_rank(tmp, info.rank, rank_state)
+    barrier()
+    path = os.path.join(ckpt.ckpt_root(cfg.out), ckpt.step_name(step, crash))
+    if info.is_main:
+        path = ckpt.finalize(cfg.out, step, crash=crash, keep=cfg.keep_ckpts)
+    barrier()
+    return path
+
+
+def _restore(path, cfg, mcfg, world, rank, model, ema, opt, loader, gen, dev) -> int:
+    state = ckpt.load_checkpoint(path, rank, map_location="cpu")
+    meta = state["meta"]
+    if meta.get("kind") != "drift-mae":
+        raise ckpt.CheckpointError(f"checkpoint {path} is not a drift-mae checkpoint")
+    if meta.get("model_config") != mcfg.to_dict():
+        raise ckpt.CheckpointError(f"checkpoint {path} has model config {meta.get('model_config')}, "
+                                   f"this run builds {mcfg.to_dict()}")
     mine = _arch_fields(cfg)
-    for k, v in obj.get("train_config", {}).items():
-        if mine.get(k) != v:
-            raise ValueError(f"checkpoint {path} was written with {k}={v!r}; this run has {k}={mine.get(k)!r}")
-    rank, _, world = _dist_env()
-    per_rank = obj["per_rank"]
-    if len(per_rank) != world:
-        raise ValueError(f"checkpoint {path} was written by {len(per_rank)} rank(s); this run has {world}")
-    model.load_state_dict(obj["model"])
-    ema.load_state_dict(obj["ema"])
-    opt.load_state_dict(obj["optimizer"])
-    loader.load_state_dict(per_rank[rank]["loader"])
-    gen.set_state(per_rank[rank]["gen"])
-    torch.set_rng_state(obj["rng_cpu"])
-    if obj.get("rng_cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(obj["rng_cuda"])
-    return int(obj["step"])
+    saved = meta["config"]
+    for k, v in mine.items():
+        if saved.get(k) != v:
+            raise ckpt.CheckpointError(f"checkpoint {path} was written with {k}={saved.get(k)!r}; "
+                                       f"this run has {k}={v!r}")
+    if int(meta["world_size"]) != world:
+        raise ckpt.CheckpointError(f"checkpoint {path} was written by {meta['world_size']} rank(s); "
+                                   f"this run has {world}")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optim"])
+    r = state["rank"]
+    loader.load_state_dict(r["loader"])
+    gen.set_state(r["gen"])
+    torch.set_rng_state(r["rng_cpu"])
+    if r.get("rng_cuda") is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(r["rng_cuda"], dev)
+    return int(meta["step"])
 
 
 def _truncate_log(path: str, step: int) -> None:
-    """Drop log lines past the resumed step (written after the checkpoint by the interrupted run)."""
+    """Drop log lines past `step` (written after the checkpoint by an interrupted run; all of them at step 0)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -414,35 +365,21 @@ def _truncate_log(path: str, step: int) -> None:
         f.writelines(lines)
 
 
-class _NoTracker:
-    def log(self, *a, **k):
-        pass
-
-    def finish(self):
-        pass
-
-
-def _make_tracker(cfg, is_main):
-    if not is_main or cfg.wandb == "disabled":
-        return _NoTracker()
-    try:
-        from drift import tracking
-    except ImportError:
-        raise RuntimeError("--wandb needs drift.tracking, which is not available in this checkout") from None
-    return tracking.init(project=cfg.wandb_project, mode=cfg.wandb, config=dataclasses.asdict(cfg),
-                         dir=cfg.out)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = parse_cli(argv)
         last = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"drift-mae: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    finally:
+        cleanup_distributed()
     if last:
-        print(f"drift-mae: step {last['step']} loss {last['loss']:.4f} recon {last['recon']:.4f} -> "
-              f"{os.path.join(cfg.out, 'mae_encoder.pt')}")
+        print0(f"drift-mae: step {last['step']} loss {last['loss']:.4f} recon {last['recon']:.4f} -> "
+               f"{os.path.join(cfg.out, 'mae_encoder.pt')}")
     return 0
 
 

@@ -163,6 +163,7 @@ def _log(out):
 
 
 def test_drift_mae_runs_resumes_exactly_and_exports(tmp_path, tiny_shards):
+    import json
     import shutil
 
     from drift.mae_train import cls_weight_at, lr_at, main, parse_cli
@@ -178,36 +179,43 @@ def test_drift_mae_runs_resumes_exactly_and_exports(tmp_path, tiny_shards):
     # resume from the step-2 checkpoint: steps 3-4 must repeat the uninterrupted losses exactly
     res = str(tmp_path / "resumed")
     shutil.copytree(out, res)
-    os.remove(os.path.join(res, "ckpt", "step_00000004.pt"))
-    assert main(_mae_args(tiny_shards, res, "--resume")) == 0
+    shutil.rmtree(os.path.join(res, "checkpoints", "step_0000004"))
+    os.remove(os.path.join(res, "checkpoints", "latest"))  # as if killed before step 4 was saved
+    assert main(_mae_args(tiny_shards, res, "--resume", "auto")) == 0
     again = _log(res)
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     for a, b in zip(full, again):
         assert a["loss"] == b["loss"] and a["recon"] == b["recon"], (a, b)
     # the export loads as a feature extractor and equals the EMA encoder of the final checkpoint
     ex = build_extractor("mae", weights=os.path.join(out, "mae_encoder.pt"))
-    ck = torch.load(os.path.join(out, "ckpt", "step_00000004.pt"), weights_only=True)
-    cfg_m = MAEConfig.from_dict(ck["config"])
+    ck_dir = os.path.join(out, "checkpoints", "step_0000004")
+    ck = torch.load(os.path.join(ck_dir, "model.pt"), weights_only=True)
+    with open(os.path.join(ck_dir, "meta.json")) as f:
+        cfg_m = MAEConfig.from_dict(json.load(f)["model_config"])
     assert cfg_m.in_channels == 3 and cfg_m.patch_size == 1 and cfg_m.num_classes == 3
     m = MAEResNet(cfg_m)
-    m.load_state_dict(ck["ema"])
+    m.load_state_dict(ck["ema"]["0.9995"])
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(ex(x)["layer4"], MAEFeatures(m.encoder)(x)["layer4"])
-    # the checkpoint itself also loads as weights
-    build_extractor("mae", weights=os.path.join(out, "ckpt", "step_00000004.pt"))
+    # the checkpoint directory itself also loads as weights
+    ex2 = build_extractor("mae", weights=ck_dir)
+    torch.testing.assert_close(ex2(x)["layer4"], ex(x)["layer4"])
 
 
 def test_drift_mae_errors(tmp_path, tiny_shards, capsys):
     from drift.mae_train import main
     out = str(tmp_path / "run")
     assert main(_mae_args(tiny_shards, out, "--steps", "2")) == 0
-    assert main(_mae_args(tiny_shards, out, "--steps", "4", "--width", "8", "--resume")) == 2
+    assert main(_mae_args(tiny_shards, out, "--steps", "2", "--width", "8", "--resume", "auto")) == 2
     assert "model config" in capsys.readouterr().err
-    ck = os.path.join(out, "ckpt", "step_00000002.pt")
+    assert main(_mae_args(tiny_shards, out, "--steps", "2", "--lr", "1e-3", "--batch-size", "6",
+                          "--resume", "auto")) == 2
+    assert "batch_size=4; this run has batch_size=6" in capsys.readouterr().err
+    ck = os.path.join(out, "checkpoints", "step_0000002", "model.pt")
     with open(ck, "r+b") as f:
         f.truncate(100)
-    assert main(_mae_args(tiny_shards, out, "--steps", "4", "--resume")) == 2
-    assert "step_00000002.pt is unreadable" in capsys.readouterr().err
+    assert main(_mae_args(tiny_shards, out, "--steps", "2", "--resume", "auto")) == 2
+    assert "model.pt is corrupt or unreadable" in capsys.readouterr().err
     assert main(["--out", out]) == 2
     assert "--data is required" in capsys.readouterr().err
     assert main(_mae_args(tiny_shards, out, "--cls-ft-steps", "9")) == 2
@@ -228,3 +236,19 @@ def test_channels_last_input_gives_same_result():
             ref = (loss.detach(), model.encoder.stages[1].blocks[0].shortcut[0].weight.grad.clone())
     torch.testing.assert_close(loss.detach(), ref[0])
     torch.testing.assert_close(model.encoder.stages[1].blocks[0].shortcut[0].weight.grad, ref[1])
+
+
+def test_drift_mae_nonfinite_loss_writes_crash_checkpoint(tmp_path, tiny_shards, monkeypatch, capsys):
+    from drift.mae_train import main
+    orig = MAEResNet.mae_loss
+
+    def nan_loss(self, *a, **k):
+        loss, info = orig(self, *a, **k)
+        return loss * float("nan"), info
+
+    monkeypatch.setattr(MAEResNet, "mae_loss", nan_loss)
+    out = str(tmp_path / "run")
+    assert main(_mae_args(tiny_shards, out, "--steps", "2")) == 1
+    assert "non-finite loss nan at step 1" in capsys.readouterr().err
+    assert os.path.isfile(os.path.join(out, "checkpoints", "crash_step_0000001", "model.pt"))
+    assert not os.path.exists(os.path.join(out, "mae_encoder.pt"))

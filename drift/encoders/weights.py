@@ -2,6 +2,8 @@
 
 Accepted formats (chosen by content, not by name):
 * a safetensors file (``*.safetensors``, e.g. the `transformers` ``model.safetensors``);
+* a `drift.checkpoint` directory (``meta.json`` + ``model.pt``, e.g. a drift-mae checkpoint): its EMA weights
+  and the architecture in meta.json's ``model_config``;
 * a ``torch.save`` file of a state_dict (``{name: tensor}``), or of a dict holding one under
   ``"state_dict"``, ``"model"`` or ``"ema"`` (``"ema"`` preferred: `drift-mae` checkpoints and exports),
   optionally with a ``"config"`` dict describing the architecture. Loaded with ``weights_only=True``.
@@ -34,6 +36,9 @@ def _is_safetensors(path: str) -> bool:
 def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
     """Read a weights file -> (state_dict, config or None). Raises WeightsError naming `path`."""
     path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")) \
+            and os.path.isfile(os.path.join(path, "model.pt")):
+        return _read_checkpoint_dir(path)
     if os.path.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin", "encoder.pt", "model.pt"):
             if os.path.isfile(os.path.join(path, name)):
@@ -63,6 +68,29 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"weights file {path} does not hold a state_dict of tensors")
     return dict(obj), (dict(config) if config is not None else None)
+
+
+def _read_checkpoint_dir(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
+    """A `drift.checkpoint` directory (e.g. from drift-mae): the first EMA copy of model.pt, and the
+    architecture from meta.json's ``model_config``."""
+    import json
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        obj = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    ema = obj.get("ema") if isinstance(obj, Mapping) else None
+    if isinstance(ema, Mapping) and ema and all(isinstance(v, Mapping) for v in ema.values()):
+        sd = ema[sorted(ema)[0]]  # one copy per decay: take the first
+    elif isinstance(ema, Mapping) and ema:
+        sd = ema
+    elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        sd = obj["model"]
+    else:
+        raise WeightsError(f"checkpoint {path}/model.pt holds no model or EMA state")
+    cfg = meta.get("model_config") if isinstance(meta, Mapping) else None
+    return dict(sd), (dict(cfg) if isinstance(cfg, Mapping) else None)
 
 
 def strip_prefixes(sd: Dict[str, torch.Tensor], prefixes: Iterable[str]) -> Dict[str, torch.Tensor]:
