@@ -310,6 +310,8 @@ class DaliLoader(_Base):
         return f"DALI failed while reading the shards of {self.path} ({where}): {err.strip()[:2000]}"
 
     def __next__(self):
+        if self._it is None:
+            raise RuntimeError(f"the loader over {self.path} is closed")
         err = None
         try:
             out = next(self._it)[0]
@@ -407,6 +409,7 @@ class PilLoader(_Base):
         super().__init__(ds, batch_size, **kw)
         self._fds: Dict[int, int] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.num_threads))
+        self._closed = False
         self._perm_epoch, self._perm = -1, None
 
     def _local_order(self, epoch: int) -> np.ndarray:
@@ -440,6 +443,8 @@ class PilLoader(_Base):
         return arr, label
 
     def __next__(self):
+        if self._closed:
+            raise RuntimeError(f"the loader over {self.path} is closed")
         local = self.local_epoch_size
         if local < 1:
             raise ValueError(f"rank {self.rank} of {self.world_size} gets no samples of {self.path}")
@@ -473,6 +478,7 @@ class PilLoader(_Base):
             os.close(fd)
         self._fds.clear()
         self._pool.shutdown(wait=True)
+        self._closed = True
 
 
 def build_loader(path: str, batch_size: int, *, mode: str = "center", image_size: Optional[int] = None,

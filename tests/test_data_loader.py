@@ -142,6 +142,8 @@ def test_state_dict_resumes_exactly(idx_data, backend, mode):
         assert not torch.equal(first[0], take(c, 4)[0])
     with build_loader(path, 5, **kw) as other, pytest.raises(ValueError, match="batch_size"):
         other.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="closed"):
+        next(other)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
