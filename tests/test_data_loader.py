@@ -10,7 +10,7 @@ import torch
 from data_prep.cli import main
 from drift import schema
 from drift.data import build_loader, dali_available, rrc_params
-from tests.data_fixtures import encode, make_idx, noise_image, write
+from tests.data_fixtures import encode, make_bad_imagefolder, make_idx, noise_image, write
 
 BACKENDS = [pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed")),
             "pil"]
@@ -157,6 +157,20 @@ def test_train_mode_crops_and_flips(jpeg_data, backend):
     # an epoch of random crops: no crop equals the center crop resized, and the two epochs differ
     assert not torch.equal(x[:20], x[20:])
     assert Counter(y[:20].tolist()) == Counter(center[1].tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_packed_bad_input_decodes(tmp_path, backend):
+    """What drift-prep keeps or normalizes (CMYK, 16-bit, palette, alpha, EXIF, gray JPEG, BMP, jpg+png mixed)
+    must be readable by the loader's decoder: one full epoch, labels as counted in the manifest."""
+    make_bad_imagefolder(str(tmp_path / "src"))
+    assert main(["imagefolder", str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1", "--quiet"]) == 0
+    m = schema.read_manifest(str(tmp_path / "out"))
+    with build_loader(str(tmp_path / "out"), m["num_samples"], backend=backend, mode="train",
+                      image_size=16) as loader:
+        x, y = next(loader)
+    assert x.shape == (m["num_samples"], 3, 16, 16) and torch.isfinite(x).all()
+    assert Counter(y.tolist()) == {i: c for i, c in enumerate(m["class_counts"]) if c}
 
 
 def test_rrc_params_follow_the_scale_and_ratio_ranges():
