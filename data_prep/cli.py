@@ -6,6 +6,9 @@
 
 Output (SPEC §7): OUT/shard-%06d.tar (uncompressed, pre-shuffled), OUT/shard-%06d.idx (DALI wds index),
 OUT/manifest.json. Rerunning the same command after an interruption keeps the finished shards.
+Without --size, 8-bit L/RGB JPEGs and PNGs without alpha or EXIF rotation are stored byte-exact; anything else
+a decoder might misread (CMYK, 16-bit, palette, alpha, EXIF-rotated, other formats) is re-encoded once and
+listed under "normalized" in the manifest; unreadable or broken files are listed under "rejected".
 Exit status: 0 on success, 1 when verify finds problems, 2 on bad arguments or unreadable input.
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from data_prep.images import Packed, Rejected, encode_png, find_idx_pair, pack_i
 from drift import schema
 
 PROGRESS_NAME = ".drift-prep-progress.json"
+_SHARD_FILE = re.compile(r"shard-\d{6}\.(tar|idx)")
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z, pinned so that tar headers (and so shard bytes) are reproducible
 FAIL_ENV = "DRIFT_PREP_FAIL_AFTER_SHARDS"  # test hook: raise after this many shards were written by this run
 
@@ -361,6 +363,12 @@ def pack(out_dir: str, classes: List[str], cands: List[Candidate], settings: Set
     manifest = _manifest(classes, records, n_shards, settings, source_kind, source, scan_rejected,
                          len(cands) + len(scan_rejected) if files_seen is None else files_seen, width)
     schema.write_json_atomic(os.path.join(out_dir, schema.MANIFEST_NAME), manifest)
+    # shards of an earlier layout in this directory (other --shard-size, fewer files) would confuse readers
+    # that glob; only names in our own shard pattern are touched
+    keep = {n for s in manifest["shards"] for n in (s["name"], s["index"])}
+    for fn in os.listdir(out_dir):
+        if _SHARD_FILE.fullmatch(fn) and fn not in keep:
+            os.remove(os.path.join(out_dir, fn))
     return manifest
 
 

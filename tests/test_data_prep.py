@@ -193,6 +193,7 @@ def test_resume_after_kill_keeps_finished_shards(tmp_path, monkeypatch):
     # changed settings invalidate the progress record instead of mixing two shard layouts
     assert main(["imagefolder", str(src), str(out), "--shard-size", "5", "--workers", "1", "--quiet"]) == 0
     assert schema.read_manifest(str(out))["shard_size"] == 5 and main(["verify", str(out), "--quiet"]) == 0
+    assert sorted(f for f in os.listdir(out) if f.endswith(".tar")) == [schema.shard_name(k) for k in range(4)]
 
 
 def test_size_center_crops_everything(tmp_path):
