@@ -196,11 +196,19 @@ def build_feature_extractor(name: str = "pixels", **kw) -> FeatureExtractor:
 
     Keyword arguments go to the encoder builder (e.g. ``weights=PATH``, ``width=640``, ``vae=PATH``).
     """
-    if name == "pixels":
-        if kw:
-            raise TypeError(f"build_feature_extractor('pixels') takes no options, got {sorted(kw)}")
-        return PixelFeatures().freeze()
-    if name == "pixel-multiscale":
+    if name in ("pixels", "pixel-multiscale"):
+        # encoder-free: no weights; a caller passing its (empty) weights / vae options generically is fine
+        for k in ("weights", "vae", "device"):
+            if k in kw and kw[k] not in (None, ""):
+                if k == "device":
+                    kw.pop(k)
+                    continue
+                raise ValueError(f"feature extractor {name!r} has no encoder, but {k}={kw[k]!r} was given")
+            kw.pop(k, None)
+        if name == "pixels":
+            if kw:
+                raise TypeError(f"build_feature_extractor('pixels') takes no options, got {sorted(kw)}")
+            return PixelFeatures().freeze()
         return PixelMultiscaleFeatures(**kw).freeze()
     from drift import encoders  # lazy: encoders import this module
     return encoders.build_extractor(name, **kw)

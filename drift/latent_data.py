@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch

@@ -206,3 +206,22 @@ def test_feature_keys_drive_the_drifting_loss(space):
         total = total + loss.mean()
     total.backward()
     assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def test_builder_accepts_generic_trainer_options(tmp_path):
+    # the trainer passes weights/vae generically; encoder-free names accept them empty and refuse real files
+    assert set(build_feature_extractor("pixel-multiscale", weights=None).describe((1, 8, 8))) >= {"global", "px2"}
+    build_feature_extractor("pixels", weights=None, vae="")
+    with pytest.raises(ValueError, match="has no encoder, but weights="):
+        build_feature_extractor("pixels", weights="some.pt")
+    # mae-pixel+convnext: one option naming both files
+    torch.manual_seed(5)
+    mcfg = MAEConfig(in_channels=3, patch_size=8, width=4, layers=(1, 1, 1, 1), num_classes=0)
+    mae = MAEResNet(mcfg)
+    torch.save({"config": mcfg.to_dict(), "ema": mae.state_dict()}, tmp_path / "mae.pt")
+    cnx = ConvNeXtV2(**TINY_CNX)
+    torch.save(cnx.state_dict(), tmp_path / "cnx.pt")
+    ex = build_feature_extractor("mae-pixel+convnext", weights=f"{tmp_path / 'mae.pt'}+{tmp_path / 'cnx.pt'}",
+                                 convnext_depths=TINY_CNX["depths"], convnext_dims=TINY_CNX["dims"])
+    assert torch.equal(ex.parts[1].model.embeddings.patch_embeddings.weight, cnx.embeddings.patch_embeddings.weight)
+    assert torch.equal(ex.parts[0].encoder.stem[0].weight, mae.encoder.stem[0].weight)

@@ -6,16 +6,19 @@ Extractor names (`EXTRACTOR_NAMES`) and their options:
 * ``"mae-pixel"``    MAE-ResNet on pixels, patchified ``patch_size`` x ``patch_size`` (8 for 256x256x3).
 * ``"mae"``          MAE-ResNet with the architecture taken from the weights file (or from the options).
 * ``"convnext"``     ConvNeXt-V2 keys only (pixel inputs in [-1, 1]).
-* ``"mae-pixel+convnext"``  both encoders' keys (the paper's final pixel models; ``convnext_weights=PATH``).
+* ``"mae-pixel+convnext"``  both encoders' keys (the paper's final pixel models); the ConvNeXt file is
+  ``convnext_weights=PATH``, or both files in one option: ``weights="MAE_PATH+CONVNEXT_PATH"``.
 * ``"resnet18"``, ``"resnet50"``  torchvision ResNets (``global``, ``norm_x`` and the 4 stage maps).
 
 Common options: ``weights=PATH`` (a local file; None = random init, for tests and demos only),
 ``vae=PATH`` (decode latent inputs with the SD-VAE before a pixel encoder; ``global`` stays the latent),
-``device``. MAE options: ``width`` (256 / 640), ``in_channels``, ``patch_size``, ``layers``.
+``device``. MAE options: ``width`` (256 / 640), ``in_channels``, ``patch_size``, ``layers``. ConvNeXt options
+(default Base): ``depths``/``dims`` for "convnext", ``convnext_depths``/``convnext_dims`` for the combination.
 Every extractor is returned frozen (eval mode, parameters without gradients).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -69,7 +72,22 @@ def _maybe_vae(extractor, vae, device):
     return DecodeFirst(load_vae(vae, device=device), extractor)
 
 
-def build_extractor(name: str, *, weights=None, vae=None, device=None, convnext_weights=None, **kw):
+def _split_pair(weights, convnext_weights):
+    """The combined extractor takes its two files as weights=MAE, convnext_weights=CONVNEXT, or as one
+    ``"MAE+CONVNEXT"`` string / (MAE, CONVNEXT) pair, so a single config field can name both."""
+    if convnext_weights is None:
+        if isinstance(weights, (tuple, list)):
+            if len(weights) != 2:
+                raise ValueError(f"mae-pixel+convnext weights must be (MAE, CONVNEXT), got {weights!r}")
+            return weights[0] or None, weights[1] or None
+        if isinstance(weights, str) and "+" in weights and not os.path.exists(weights):
+            mae, cnx = weights.split("+", 1)
+            return mae or None, cnx or None
+    return weights, convnext_weights
+
+
+def build_extractor(name: str, *, weights=None, vae=None, device=None, convnext_weights=None,
+                    convnext_depths=None, convnext_dims=None, **kw):
     """Build a frozen extractor by registry name; see the module docstring."""
     if name in ("mae-latent", "mae-pixel", "mae"):
         preset = {"mae-latent": "latent", "mae-pixel": "pixel", "mae": None}[name]
@@ -83,9 +101,11 @@ def build_extractor(name: str, *, weights=None, vae=None, device=None, convnext_
     if name == "mae-pixel+convnext":
         from drift.encoders.convnext import build_convnext_features
         from drift.features import CombinedFeatures
+        weights, convnext_weights = _split_pair(weights, convnext_weights)
+        cnx_arch = {k: v for k, v in (("depths", convnext_depths), ("dims", convnext_dims)) if v is not None}
         enc = build_mae_encoder(weights, preset="pixel", device=device, **kw)
         parts = [MAEFeatures(enc, input_space="pixels"),
-                 build_convnext_features(convnext_weights, device=device, with_base=False)]
+                 build_convnext_features(convnext_weights, device=device, with_base=False, **cnx_arch)]
         return _maybe_vae(CombinedFeatures(parts), vae, device).freeze()
     if name in ("resnet18", "resnet50"):
         from drift.encoders.tv_resnet import build_tv_resnet_features
