@@ -66,7 +66,8 @@ class ShardSet:
         self.manifest = schema.read_manifest(path)
         self.shards: List[str] = []
         self.indexes: List[str] = []
-        self.samples: List[Tuple[int, int, int, str, int, int]] = []  # (shard, img_off, img_size, ext, cls_off, cls_size)
+        # one entry per sample: (shard, img_off, img_size, img_ext, cls_off, cls_size)
+        self.samples: List[Tuple[int, int, int, str, int, int]] = []
         for entry in self.manifest["shards"]:
             tar = os.path.join(path, entry["name"])
             idx = os.path.join(path, schema.index_name(entry["name"]))
