@@ -107,6 +107,9 @@ class LatentLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.device = seed, shuffle, torch.device(device)
         self.num_classes = self.data.num_classes
+        self.num_samples = len(self.data)
+        shape = self.data.latent_shape or self.data.get(0, 0)[0].shape
+        self.channels, self.image_size = int(shape[0]), int(shape[1])  # what the trainer reads off any loader
         self.epoch, self.pos = 0, 0  # pos: batches already taken in this epoch (per rank)
         self._plan = None
 
@@ -158,9 +161,25 @@ class LatentLoader:
 
 
 def build_latent_loader(root: str, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                        device="cpu", shuffle: bool = True) -> LatentLoader:
-    return LatentLoader(root, batch_size, rank=rank, world_size=world_size, seed=seed, device=device,
-                        shuffle=shuffle)
+                        device="cpu", shuffle: bool = True, mode: str = "center", image_size=None,
+                        channels=None, output: str = "float", backend: str = "auto",
+                        num_threads: int = 2) -> LatentLoader:
+    """Same call surface as `drift.data.build_loader`, so a trainer can pick either by `is_latent_dir(path)`.
+
+    Latents are cached at one crop, so `mode` ("center" or "train") changes nothing but the flip is always
+    random; `image_size`/`channels`, when given, must match the cached latent; `backend`/`num_threads` are
+    accepted for compatibility (reads are plain seeks)."""
+    if mode not in ("center", "train"):
+        raise ValueError(f"mode must be 'center' or 'train', got {mode!r}")
+    if output != "float":
+        raise ValueError(f"latent shards only give float output, got output={output!r}")
+    ld = LatentLoader(root, batch_size, rank=rank, world_size=world_size, seed=seed, device=device,
+                      shuffle=shuffle)
+    if image_size not in (None, 0, ld.image_size):
+        raise ValueError(f"{root} holds {ld.image_size}x{ld.image_size} latents, image_size={image_size} requested")
+    if channels not in (None, ld.channels):
+        raise ValueError(f"{root} holds {ld.channels}-channel latents, channels={channels} requested")
+    return ld
 
 
 def is_latent_dir(root: str) -> bool:

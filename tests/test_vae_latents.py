@@ -116,6 +116,9 @@ def test_prep_latents_flips_roundtrip_and_loader(tmp_path, vae_dir, image_shards
     batches = [next(ld) for _ in range(5)]  # crosses an epoch boundary (2 batches per epoch)
     assert batches[0][0].shape == (3, 4, 4, 4) and batches[0][0].dtype == torch.float32
     assert batches[0][1].dtype == torch.int64 and int(batches[0][1].max()) < 2
+    assert (ld.channels, ld.image_size, ld.num_classes, ld.num_samples) == (4, 4, 2, 8)
+    with pytest.raises(ValueError, match="holds 4x4 latents, image_size=32"):
+        build_latent_loader(out, 3, image_size=32)
     ld2 = build_latent_loader(out, 3, seed=1)
     next(ld2), next(ld2), next(ld2)
     state = ld2.state_dict()
