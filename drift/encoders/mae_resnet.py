@@ -34,8 +34,12 @@ MASK_PATCH = 2     # 2x2 patches of the 32x32 grid
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:
-    """Largest group count <= max_groups that divides `channels` (official: up to 32 groups)."""
-    for g in range(min(max_groups, channels), 0, -1):
+    """Largest group count <= max_groups that divides `channels` and leaves >= 2 channels per group.
+
+    Official: up to 32 groups, which for the paper's widths (>= 256) means 32. The two-channel floor only
+    matters for tiny test/demo widths (< 64): with one channel per group, GroupNorm would force every
+    channel's spatial mean to its bias, making the ``*_mean`` feature keys constant at initialization."""
+    for g in range(min(max_groups, channels // 2), 0, -1):
         if channels % g == 0:
             return g
     return 1
