@@ -72,6 +72,12 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+def _autocast_device(device: torch.device) -> str:
+    """Device type for `torch.autocast`; devices without autocast support (e.g. meta) map to "cpu", whose
+    disabled-autocast context is then a harmless no-op."""
+    return device.type if device.type in ("cuda", "cpu", "xpu", "mps", "hpu") else "cpu"
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation of tokens x [N, T, D] by per-sample shift/scale [N, D]."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -181,7 +187,7 @@ class DriftBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # adaLN in fp32 (official); the fp32 gates keep the residual stream in fp32 under bf16 autocast.
-        with torch.autocast(device_type=c.device.type, enabled=False):
+        with torch.autocast(device_type=_autocast_device(c.device), enabled=False):
             mod = self.adaLN_modulation(c.float())
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
@@ -199,7 +205,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=c.device.type, enabled=False):
+        with torch.autocast(device_type=_autocast_device(c.device), enabled=False):
             mod = self.adaLN_modulation(c.float())
         shift, scale = mod.chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
@@ -351,7 +357,7 @@ class DriftDiT(nn.Module):
     def embed_condition(self, labels: torch.Tensor, alpha: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         """cond [N, D] = ClassEmbed(labels) + sum_i StyleEmbed_i(style[:, i]) + 0.02*RMSNorm(MLP(sin(alpha)))."""
         # The conditioning path is tiny ([N, D]); keep it in fp32 so adaLN sees full-precision inputs.
-        with torch.autocast(device_type=labels.device.type, enabled=False):
+        with torch.autocast(device_type=_autocast_device(labels.device), enabled=False):
             offsets = torch.arange(self.num_style_tokens, device=style.device, dtype=style.dtype)
             offsets = offsets * self.style_codebook_size
             style_emb = self.style_embedder(style + offsets).sum(dim=1)  # (N, D)
