@@ -6,7 +6,8 @@
 
 Recipe: RandomResizedCrop(0.2-1) + flip from `drift.data.build_loader(mode="train")`; with ``--vae`` the
 augmented images are encoded by the SD-VAE (a posterior sample x 0.18215) and the MAE is trained on latents
-(the "latent-MAE"), otherwise on pixels patchified ``patch_size`` x ``patch_size`` ("pixel-MAE"). Each step
+(the "latent-MAE"); a `drift-prep latents` directory as --data trains on the cached latents (random flip
+only: a cheaper approximation of the official recipe); otherwise the MAE trains on pixels patchified ``patch_size`` x ``patch_size`` ("pixel-MAE"). Each step
 zeroes every 2x2 patch of the 32x32 (patchified) grid with probability 0.5 and minimizes the l2 error on the
 masked region (sum / count). AdamW(0.9, 0.95), lr 4e-3, wd 0.01, linear warmup then constant, EMA 0.9995.
 The last ``cls_ft_steps`` steps add the classification fine-tune: a linear head on pooled layer4, loss
@@ -174,6 +175,7 @@ def _arch_fields(cfg: MAETrainConfig) -> dict:
 def train(cfg: MAETrainConfig) -> dict:
     """Run (or resume) MAE pretraining; returns the last logged metrics."""
     from drift.data import build_loader
+    from drift.latent_data import build_latent_loader
     from drift.schema import read_manifest
 
     validate(cfg)
@@ -186,12 +188,23 @@ def train(cfg: MAETrainConfig) -> dict:
 
     manifest = read_manifest(cfg.data)
     num_classes = manifest["num_classes"]
-    loader = build_loader(cfg.data, per_rank, mode="train", image_size=cfg.image_size or None, device=dev,
-                          rank=rank, world_size=world, seed=cfg.seed, backend=cfg.loader_backend,
-                          num_threads=cfg.num_threads)
+    cached_latents = manifest.get("kind") == "latents"
+    if cached_latents:
+        # drift-prep latents output: no crop augmentation (the cache holds one crop), a random flip per sample
+        if cfg.vae:
+            raise ValueError(f"{cfg.data} already holds VAE latents; drop --vae")
+        loader = build_latent_loader(cfg.data, per_rank, rank=rank, world_size=world, seed=cfg.seed, device=dev,
+                                     image_size=cfg.image_size or None)
+    else:
+        loader = build_loader(cfg.data, per_rank, mode="train", image_size=cfg.image_size or None, device=dev,
+                              rank=rank, world_size=world, seed=cfg.seed, backend=cfg.loader_backend,
+                              num_threads=cfg.num_threads)
     image_size = loader.image_size
     vae = None
-    if cfg.vae:
+    if cached_latents:
+        in_ch, grid = loader.channels, image_size
+        patch = cfg.patch_size or 1
+    elif cfg.vae:
         from drift.encoders.vae import load_vae
         vae = load_vae(cfg.vae, device=dev)
         in_ch, grid = 4, image_size // 8

@@ -171,3 +171,22 @@ def test_prep_latents_and_loader_errors(tmp_path, vae_dir, image_shards, capsys)
         f.truncate(600)
     with pytest.raises(ValueError, match="shard-000001.tar is truncated"):
         build_latent_loader(out, 2)
+
+
+def test_drift_mae_on_latents(tmp_path, vae_dir, image_shards):
+    """Latent-MAE pretraining both ways: VAE-encoding augmented images on the fly, and from a latent cache."""
+    from drift.mae_train import main as mae_main
+    common = ["--width", "4", "--layers", "1,1,1,1", "--batch-size", "4", "--steps", "2", "--log-every", "1",
+              "--loader-backend", "pil", "--no-progress", "--num-threads", "1"]
+    out = str(tmp_path / "onthefly")
+    assert mae_main(["--data", image_shards, "--out", out, "--vae", vae_dir] + common) == 0
+    ex = build_extractor("mae-latent", weights=os.path.join(out, "mae_encoder.pt"))
+    assert ex.encoder.cfg.in_channels == 4 and ex.encoder.cfg.patch_size == 1
+    assert ex(torch.randn(2, 4, 4, 4))["conv1"].shape == (2, 16, 4)
+    lat = str(tmp_path / "lat")
+    assert latmod.main([image_shards, lat, "--vae", vae_dir, "--size", str(SIZE), "--device", "cpu", "--quiet"]) == 0
+    out2 = str(tmp_path / "cached")
+    assert mae_main(["--data", lat, "--out", out2] + common) == 0
+    with open(os.path.join(out2, "log.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+    assert mae_main(["--data", lat, "--out", out2, "--vae", vae_dir] + common) == 2  # latents twice: refused

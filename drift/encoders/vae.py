@@ -89,7 +89,8 @@ class DecodeFirst(FeatureExtractor):
         self.inner = inner
 
     def forward(self, z: torch.Tensor) -> Dict[str, torch.Tensor]:
-        x = self.vae.decode(z).clamp(-1.0, 1.0)
+        # No clamp to [-1, 1]: it would zero the gradient of every saturated pixel.
+        x = self.vae.decode(z)
         out = self.inner(x)
         if "global" in out:
             out["global"] = z.reshape(z.shape[0], 1, -1)
