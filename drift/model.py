@@ -79,8 +79,8 @@ def _autocast_device(device: torch.device) -> str:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation of tokens x [N, T, D] by per-sample shift/scale [N, D]."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN modulation of tokens x [N, T, D] by per-sample shift/scale [N, D]: x * (1 + scale) + shift."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # one fused op in eager mode
 
 
 def rope_tables(seq_len: int, head_dim: int, device, base: float = ROPE_BASE):
@@ -190,8 +190,8 @@ class DriftBlock(nn.Module):
         with torch.autocast(device_type=_autocast_device(c.device), enabled=False):
             mod = self.adaLN_modulation(c.float())
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin))
+        x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
 
 
@@ -245,6 +245,13 @@ class DriftDiT(nn.Module):
             raise ValueError("num_prefix_tokens and num_style_tokens must be >= 0")
         if input_size % patch_size != 0:
             raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
+        # Constructor arguments, JSON-serializable: `DriftDiT(**model.config)` rebuilds the architecture
+        # (checkpoints store this so samplers need no preset table).
+        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes,
+                           out_channels=out_channels, num_prefix_tokens=num_prefix_tokens,
+                           num_style_tokens=num_style_tokens, style_codebook_size=style_codebook_size,
+                           attn_fp32=attn_fp32, grad_checkpointing=grad_checkpointing)
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -370,7 +377,8 @@ class DriftDiT(nn.Module):
     def forward(self, noise: torch.Tensor, labels: torch.Tensor, alpha: torch.Tensor,
                 style: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Generate x (N, C_out, H, W) from noise (N, C, H, W), labels (N,) int, alpha (N,) float and
-        style (N, 32) int in [0, 64); style=None draws the indices uniformly with torch's global RNG."""
+        style (N, 32) int in [0, 64); style=None draws the indices uniformly with torch's global RNG.
+        Under bf16 autocast the output is bf16 (the residual stream and conditioning stay fp32)."""
         self._check_inputs(noise, labels, alpha, style)
         N = noise.shape[0]
         if style is None:

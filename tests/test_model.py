@@ -1,7 +1,10 @@
 """DriftDiT generator (drift.model): presets, init, determinism, conditioning, compile, autocast, errors."""
+import json
+import math
+
 import pytest
-import torch._inductor.config  # noqa: F401  (config.patch in the compile test)
 import torch
+import torch._inductor.config  # noqa: F401  (config.patch in the compile test)
 
 from drift.model import (DRIFT_MODELS, DriftDiT, apply_rope, get_2d_sincos_pos_embed, rope_tables,
                          swiglu_hidden_dim)
@@ -107,6 +110,8 @@ def test_meta_build_then_initialize_matches_eager_build():
     lazy.initialize_weights()  # must set every parameter (to_empty leaves garbage)
     for (n1, p1), (n2, p2) in zip(eager.state_dict().items(), lazy.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
+    rebuilt = DriftDiT(**json.loads(json.dumps(lazy.config)))  # the config survives a JSON round trip
+    assert [(n, p.shape) for n, p in rebuilt.named_parameters()] == [(n, p.shape) for n, p in lazy.named_parameters()]
     expect = get_2d_sincos_pos_embed(32, 4).float()
     assert torch.equal(lazy.pos_embed[0], expect)
     assert lazy.pos_embed.requires_grad  # learnable absolute position embedding
@@ -233,3 +238,11 @@ def test_bad_inputs_raise_clear_errors():
         _tiny(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         _tiny(num_classes=0)
+
+
+def test_sincos_pos_embed_layout():
+    pe = get_2d_sincos_pos_embed(8, 2)  # raster order; first half encodes the column, second half the row
+    s1, s2, c1, c2 = math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01)
+    assert torch.allclose(pe[0], torch.tensor([0, 0, 1, 1, 0, 0, 1, 1.0], dtype=torch.float64))
+    assert torch.allclose(pe[1], torch.tensor([s1, s2, c1, c2, 0, 0, 1, 1], dtype=torch.float64))
+    assert torch.allclose(pe[2], torch.tensor([0, 0, 1, 1, s1, s2, c1, c2], dtype=torch.float64))
