@@ -9,7 +9,7 @@ DATA ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 TOY_ARGS ?=
 
-.PHONY: install build test test-interp demo demo-toy bench-cpu clean
+.PHONY: install build test demo demo-toy bench-cpu clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 install: $(VENV)/.installed
 
-$(VENV)/.built: $(VENV)/.installed setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.built: $(VENV)/.installed setup.py $(wildcard csrc/*.cpp csrc/*.h) $(wildcard */__init__.py)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -29,10 +29,18 @@ test: build
 	$(PY) -m pytest -q -m "not gpu and not interp" tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m interp tests; rc=$$?; [ $$rc -eq 0 -o $$rc -eq 5 ]
 
+# The main job: Fashion-MNIST -> drift-prep shards -> DALI loader -> demo preset on CPU -> samples + metrics.
+demo: build
+	$(PY) -m drift.demo --data $(DATA) --out outputs/demo $(DEMO_ARGS)
+
+# The 2-D toy of the paper's Figs. 3-4 (about a minute).
 demo-toy: build
 	$(VENV)/bin/drift-toy --out outputs/toy $(TOY_ARGS)
 
-demo: demo-toy
+# CPU benchmark figures recorded in benchmarks/RESULTS.md.
+bench-cpu: build
+	$(PY) benchmarks/bench_field.py
+	$(PY) benchmarks/bench_loader.py
 
 clean:
 	rm -rf build *.egg-info drift/_C*.so $(VENV)/.built
