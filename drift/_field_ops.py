@@ -1,0 +1,136 @@
+"""Python side of the fused drifting-field backends: the three-pass driver and the C++ ops' registration.
+
+Both fused backends ("cpp" from drift._C, "triton" from kernels/) expose the same three ops
+(SPEC §3.3), each a pass over the B rows that reads the inputs in place:
+
+    scale_sums(gen, pos, neg, neg_weight) -> [2]             [sum dist*tw, G*sum tw]   (step 3)
+    sumsq(..., scale, temperatures, normalization) -> [nR]   sum of force_R^2 per R   (step 7)
+    force(..., scale, rms, temperatures, normalization) -> (force [*batch, G, S], loss [*batch])
+
+The C++ ops also pass pass 1's Gram block X T^T ([B, G, M]) on to passes 2 and 3 (`carries_dot`):
+on CPU the GEMMs dominate and memory is plentiful; the Triton kernels recompute it on chip instead.
+
+`three_pass` strings them together and all-reduces the two global sums over `process_group` between
+passes, exactly where the reference does, so every rank uses the global scale and RMS. Nothing in it
+syncs with the host, so it traces into one graph under torch.compile (the ops have fake kernels).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+
+from drift import _ext
+from drift.field import RMS_EPS, SCALE_EPS, DriftField, _all_reduce_sum, compute_dtype
+
+
+class FieldOps(NamedTuple):
+    """The three pass ops of one fused backend (same signatures for cpp and triton)."""
+
+    name: str
+    scale_sums: Callable
+    sumsq: Callable
+    force: Callable
+    carries_dot: bool = False  # scale_sums returns (sums, dot) and the other two take dot after neg_weight
+
+
+def _same_dtype(gen, pos, neg):
+    """Inputs in one dtype for the kernels: kept as they are when they agree, else the compute dtype."""
+    dts = {t.dtype for t in (gen, pos, neg) if t is not None}
+    if len(dts) == 1:
+        return gen, pos, neg
+    dt = compute_dtype(gen, pos, neg)
+    return gen.to(dt), pos.to(dt), (neg.to(dt) if neg is not None else None)
+
+
+def three_pass(ops: FieldOps, gen: torch.Tensor, pos: torch.Tensor, neg: Optional[torch.Tensor],
+               neg_weight: Optional[torch.Tensor], temperatures: Sequence[float], normalization: str,
+               process_group=None) -> DriftField:
+    """The drifting field through a fused backend's three passes (inputs already validated)."""
+    gen, pos, neg = _same_dtype(gen.detach(), pos.detach(), neg.detach() if neg is not None else None)
+    if neg_weight is not None:
+        neg_weight = neg_weight.detach()
+    temps = [float(r) for r in temperatures]
+    G, S = gen.shape[-2], gen.shape[-1]
+    rows = math.prod(gen.shape[:-2])
+
+    if getattr(ops, "carries_dot", False):
+        sums, dot = ops.scale_sums(gen, pos, neg, neg_weight)
+        carried = (dot,)
+    else:
+        sums, carried = ops.scale_sums(gen, pos, neg, neg_weight), ()
+    sums = _all_reduce_sum(sums, process_group)
+    scale = sums[0] / sums[1]
+    scale_inputs = torch.clamp(scale / math.sqrt(S), min=SCALE_EPS)
+
+    sumsq = ops.sumsq(gen, pos, neg, neg_weight, *carried, scale, temps, normalization)
+    stats = torch.cat([sumsq, sumsq.new_full((1,), float(rows * G * S))])
+    stats = _all_reduce_sum(stats, process_group)
+    ms = stats[:-1] / stats[-1]
+    rms = torch.sqrt(torch.clamp(ms, min=RMS_EPS))
+
+    force, loss = ops.force(gen, pos, neg, neg_weight, *carried, scale, rms, temps, normalization)
+    return DriftField(force=force, scale=scale, scale_inputs=scale_inputs, loss=loss, force_rms=torch.sqrt(ms))
+
+
+# ---------------------------------------------------------------------------------------------------
+# C++ backend (torch.ops.drift.field_*, CPU)
+# ---------------------------------------------------------------------------------------------------
+
+def _acc_dtype(gen: torch.Tensor) -> torch.dtype:
+    return torch.float64 if gen.dtype == torch.float64 else torch.float32
+
+
+def _fake_scale_sums(gen, pos, neg, neg_weight):
+    G = gen.shape[-2]
+    M = G + pos.shape[-2] + (neg.shape[-2] if neg is not None else 0)
+    rows = math.prod(gen.shape[:-2])
+    dt = _acc_dtype(gen)
+    return gen.new_empty((2,), dtype=dt), gen.new_empty((rows, G, M), dtype=dt)
+
+
+def _fake_sumsq(gen, pos, neg, neg_weight, dot, scale, temperatures, normalization):
+    return gen.new_empty((len(temperatures),), dtype=_acc_dtype(gen))
+
+
+def _fake_force(gen, pos, neg, neg_weight, dot, scale, rms, temperatures, normalization):
+    dt = _acc_dtype(gen)
+    return gen.new_empty(gen.shape, dtype=dt), gen.new_empty(gen.shape[:-2], dtype=dt)
+
+
+_registered = False
+
+
+def register_cpp_fakes() -> None:
+    """Give the C++ ops fake (meta) kernels so torch.compile can trace them. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    _ext.require()
+    torch.library.register_fake("drift::field_scale_sums")(_fake_scale_sums)
+    torch.library.register_fake("drift::field_sumsq")(_fake_sumsq)
+    torch.library.register_fake("drift::field_force")(_fake_force)
+    _registered = True
+
+
+def cpp_ops() -> FieldOps:
+    """The C++ pass ops (extension required)."""
+    register_cpp_fakes()
+    return FieldOps("cpp", torch.ops.drift.field_scale_sums, torch.ops.drift.field_sumsq, torch.ops.drift.field_force,
+                    carries_dot=True)
+
+
+def make_cpp_field() -> Callable:
+    """The "cpp" backend: a drifting_field_reference-compatible callable over the C++ ops."""
+    ops = cpp_ops()
+
+    def drifting_field_cpp(gen, pos, neg=None, neg_weight=None, temperatures=(0.02, 0.05, 0.2),
+                           normalization="xy", process_group=None) -> DriftField:
+        for name, t in (("gen", gen), ("pos", pos), ("neg", neg), ("neg_weight", neg_weight)):
+            if t is not None and t.device.type != "cpu":
+                raise ValueError(f"backend='cpp' runs on CPU tensors only, but {name} is on {t.device}; "
+                                 "use backend='triton' (CUDA) or 'reference'")
+        return three_pass(ops, gen, pos, neg, neg_weight, temperatures, normalization, process_group)
+
+    return drifting_field_cpp
