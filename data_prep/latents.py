@@ -33,7 +33,7 @@ from PIL import Image
 
 from data_prep import pack as packmod
 from data_prep.images import center_crop_adm
-from drift import schema
+import drift.schema as schema
 
 LATENT_EXT = "npy"      # drift.latent_data reads this component
 VAE_SCALE = 0.18215     # SD-VAE latent scale (same constant as drift.encoders.vae.VAE_SCALE)
