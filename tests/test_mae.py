@@ -22,10 +22,11 @@ def test_official_w640_has_86_keys_with_official_shapes(space):
     cfg = MAEConfig(width=640, in_channels=4, patch_size=1) if space == "latent" else \
         MAEConfig(width=640, in_channels=3, patch_size=8)
     with torch.device("meta"):  # instant: no memory, no compute
-        enc = MAEResNetEncoder(cfg)
+        model = MAEResNet(cfg)
+    enc = model.encoder
     assert enc.map_names() == OFFICIAL_MAPS
     x = torch.zeros(2, 4, 32, 32, device="meta") if space == "latent" else torch.zeros(2, 3, 256, 256, device="meta")
-    feats = MAEFeatures(enc)(x)
+    feats = model.get_activations(x)
     assert len(feats) == 86
     c0 = 4 if space == "latent" else 192
     assert feats["global"].shape == (2, 1, 4096 if space == "latent" else 196608)

@@ -288,6 +288,10 @@ class MAEResNet(nn.Module):
         """The training loss (`mae_loss`); forward so that DDP and torch.compile wrap it."""
         return self.mae_loss(x, labels, cls_weight=cls_weight, generator=generator, mask=mask)
 
+    def get_activations(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The feature keys of raw input x (official name): same as ``MAEFeatures(self.encoder)(x)``."""
+        return MAEFeatures(self.encoder)(x)
+
     def predict_image(self, pred: torch.Tensor) -> torch.Tensor:
         """Decoder output (patchified) -> input space (unpatchified for pixel inputs)."""
         return unpatchify(pred, self.cfg.patch_size)
