@@ -121,13 +121,11 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def describe(self, input_shape: Sequence[int]) -> Dict[str, tuple]:
-        """Key -> (L, D) for inputs of shape [N, *input_shape], computed on the meta device (instant)."""
-        params = list(self.parameters()) + list(self.buffers())
-        dev = params[0].device if params else torch.device("cpu")
-        if dev.type != "meta":
-            x = torch.zeros((1, *input_shape), device=dev)
-        else:
-            x = torch.zeros((1, *input_shape), device="meta")
+        """Key -> (L, D) for inputs of shape [N, *input_shape]: one zero sample through the extractor on its
+        own device (instant for an extractor built on the meta device)."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        dev = tensors[0].device if tensors else torch.device("cpu")
+        x = torch.zeros((1, *input_shape), device=dev)
         return {k: tuple(v.shape[1:]) for k, v in self(x).items()}
 
 
