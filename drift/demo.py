@@ -57,14 +57,17 @@ def ensure_packed(data: str, packed: str) -> str:
     if os.path.isfile(os.path.join(packed, "manifest.json")):
         return packed
     from data_prep.cli import main as prep_main
-    rc = prep_main(["idx", data, packed, "--class-names", "fashion-mnist", "--quiet"])
+    from drift.metrics import read_idx
+    # Fashion-MNIST's names only when the labels are its 10 classes (other IDX data keeps '0', '1', ...).
+    names = ["--class-names", "fashion-mnist"] if int(read_idx(os.path.join(data, IDX_NAMES[1])).max()) == 9 else []
+    rc = prep_main(["idx", data, packed, *names, "--quiet"])
     if rc not in (0, None) or not os.path.isfile(os.path.join(packed, "manifest.json")):
         raise RuntimeError(f"drift-prep idx {data} {packed} failed (exit code {rc})")
     return packed
 
 
 def evaluate_run(out_dir: str, data: str, *, num_eval: int = 10000, cache_dir: Optional[str] = None,
-                 seed: int = 0, alpha: float = 1.0) -> dict:
+                 seed: int = 0, alpha: float = 1.0, classifier_epochs: int = 2) -> dict:
     """Sample grid + metrics of the run's latest checkpoint (EMA weights); writes samples.png, metrics.json."""
     import torch
     from drift.metrics import DemoEvaluator
@@ -72,7 +75,7 @@ def evaluate_run(out_dir: str, data: str, *, num_eval: int = 10000, cache_dir: O
 
     t0 = time.time()
     cache_dir = cache_dir or os.path.join(out_dir, "cache")
-    ev = DemoEvaluator(data, cache_dir, num_eval=num_eval, seed=seed,
+    ev = DemoEvaluator(data, cache_dir, num_eval=num_eval, seed=seed, classifier_epochs=classifier_epochs,
                        log=lambda s: print(f"demo: {s}", flush=True))
     t_cls = time.time() - t0
     model, meta = load_generator(out_dir, ema=True)
@@ -106,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--packed", default="data/fashion-mnist", help="where drift-prep writes the shards")
     p.add_argument("--out", default="outputs/demo", help="run directory (checkpoints, log, samples, metrics)")
     p.add_argument("--num-eval", type=int, default=10000, help="generated / test images for the metrics")
+    p.add_argument("--classifier-epochs", type=int, default=2, help="epochs of the metric classifier (cached)")
     p.add_argument("--fresh", action="store_true", help="delete earlier checkpoints in --out first")
     p.add_argument("--no-apt", action="store_true", help="never try to install the dataset with apt")
     a, train_args = p.parse_known_args(argv)
@@ -124,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t1 = time.time()
     summary = train(cfg, resume=ns.resume or "auto")
     print(f"demo: trained {summary['step']} steps in {time.time() - t1:.1f}s", flush=True)
-    m = evaluate_run(a.out, data, num_eval=a.num_eval, seed=cfg.seed)
+    m = evaluate_run(a.out, data, num_eval=a.num_eval, seed=cfg.seed, classifier_epochs=a.classifier_epochs)
     keys = ("class_accuracy", "fd", "fd_real_floor", "fd_class_mean", "fd_over_class_mean", "meets_targets")
     print("demo: " + ", ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
     print(f"demo: total {time.time() - t0:.1f}s; wrote {a.out}/samples.png, metrics.json, log.jsonl", flush=True)

@@ -170,22 +170,24 @@ class Trainer:
         self.gq.push(images)
 
     def _fill_queues(self) -> None:
-        """Before step 0: push batches until every class queue holds min(N_pos, bank) items (host-side loop)."""
-        need = min(self.cfg.pos_per_sample, self.cfg.positive_bank_size)
-        limit = self.cfg.queue_warmup_batches
+        """Before step 0: push batches until every class seen so far holds min(N_pos, bank) items.
+
+        Classes that never appear are never drawn (labels come from the loaded batches), so they do not
+        block; the loop stops after queue_warmup_batches, or at most ~2 local epochs of data."""
+        cfg = self.cfg
+        need = min(cfg.pos_per_sample, cfg.positive_bank_size)
+        if cfg.queue_warmup_batches:
+            cap = cfg.queue_warmup_batches
+        else:
+            local = int(getattr(self.loader, "num_samples", 0)) // max(self.info.world_size, 1)
+            cap = max(1, math.ceil(2 * local / cfg.push_per_step)) if local else 1000
         n = 0
-        while True:
+        while n < cap:
             self._push_batch()
             n += 1
-            if limit:
-                if n >= limit:
-                    break
-            elif bool((self.cq.count() >= need).all()) or n >= 100000:
+            counts = self.cq.count()
+            if not cfg.queue_warmup_batches and bool((counts[counts > 0] >= need).all()):
                 break
-        if not bool((self.cq.count() > 0).all()):
-            empty = torch.nonzero(self.cq.count() == 0).flatten().tolist()
-            raise ValueError(f"class queues {empty[:10]} are still empty after {n} loader batches; "
-                             f"does {self.cfg.data_path or 'the data'} contain every class?")
         self.loop_state["fill_batches"] = n
 
     # ------------------------------------------------------------------------------------------------
