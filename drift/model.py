@@ -84,20 +84,24 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def rope_tables(seq_len: int, head_dim: int, device, base: float = ROPE_BASE):
-    """cos/sin tables [T, head_dim] for 1-D rotary embedding over token indices (rotate-half layout)."""
+    """1-D rotary tables over token indices, rotate-half layout: (cos [T, Dh], signed sin [T, Dh]).
+
+    Pair i of a head is (x[i], x[i + Dh/2]), rotated by angle pos / base^(2i/Dh). The sign of the first half
+    of `sin` is folded in so `apply_rope` needs only a half swap, not a negation."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)  # (T, head_dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
-    return emb.cos(), emb.sin()
+    freqs = torch.outer(pos, inv_freq)  # (T, Dh/2)
+    cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1)  # (T, Dh)
+    sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)  # (T, Dh)
+    return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, H, T, Dh] by the position tables [T, Dh]; computed in fp32, returned in x's dtype."""
+    """Rotate x [N, H, T, Dh] by the tables of `rope_tables`; computed in fp32, returned in x's dtype."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    swapped = torch.cat([x2, x1], dim=-1)  # (x2, x1); the signs live in `sin`
+    return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
 
 
 class Attention(nn.Module):
