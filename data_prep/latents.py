@@ -73,29 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_source_shard(root: str, name: str):
     """Yield (key, image bytes, cls bytes) from one source shard; an error naming the shard if unreadable."""
     path = os.path.join(root, name)
-    groups = {}
-    order = []
+
+    def finish(key, comps):
+        img = next((comps[e] for e in schema.IMAGE_EXTS if e in comps), None)
+        if img is None or schema.LABEL_EXT not in comps:
+            raise ValueError(f"source shard {path}: sample {key} lacks an image or a label")
+        return key, img, comps[schema.LABEL_EXT]
+
+    # Streamed: a sample's members are adjacent in drift-prep shards, so one sample is held at a time.
+    key, comps = None, {}
     try:
         with tarfile.open(path, mode="r:") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
-                key, ext = schema.split_member(m.name)
-                if key is None:
+                k, ext = schema.split_member(m.name)
+                if k is None:
                     continue
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext] = tf.extractfile(m).read()
+                if k != key:
+                    if key is not None:
+                        yield finish(key, comps)
+                    key, comps = k, {}
+                comps[ext] = tf.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(f"source shard {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") \
             from None
-    for key in order:
-        comps = groups[key]
-        img = next((comps[e] for e in schema.IMAGE_EXTS if e in comps), None)
-        if img is None or schema.LABEL_EXT not in comps:
-            raise ValueError(f"source shard {path}: sample {key} lacks an image or a label")
-        yield key, img, comps[schema.LABEL_EXT]
+    if key is not None:
+        yield finish(key, comps)
 
 
 def _to_array(data: bytes, size: int) -> np.ndarray:
@@ -113,12 +117,19 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def encode_shard(vae, items, *, size: int, batch_size: int, device, out_dtype, posterior: str, seed: int):
-    """items: [(key, image bytes, cls bytes)] -> [(key, latent array [2, C, h, w], label)]."""
+    """items: iterable of (key, image bytes, cls bytes) -> [(key, latent array [2, C, h, w], label)].
+
+    Consumed `batch_size` at a time, so a shard's encoded images never sit in memory all at once."""
+    import itertools
+
     import torch
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
-    for lo in range(0, len(items), batch_size):
-        chunk = items[lo: lo + batch_size]
+    it = iter(items)
+    while True:
+        chunk = list(itertools.islice(it, batch_size))
+        if not chunk:
+            break
         imgs = np.stack([_to_array(d, size) for _, d, _ in chunk])
         x = torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         x = torch.cat([x, x.flip(-1)])  # plain then mirrored: one VAE call for both
@@ -202,12 +213,11 @@ def run(src: str, out: str, vae_dir: str, *, size: int = 256, batch_size: int = 
             if name in records:
                 shape = shape or records[name]["latent_shape"]
                 continue
-            items = list(_read_source_shard(src, name))
-            if len(items) != s["num_samples"]:
-                raise ValueError(f"source shard {os.path.join(src, name)} holds {len(items)} samples, "
+            encoded = encode_shard(vae, _read_source_shard(src, name), size=size, batch_size=batch_size,
+                                   device=device, out_dtype=out_dtype, posterior=posterior, seed=seed + k)
+            if len(encoded) != s["num_samples"]:
+                raise ValueError(f"source shard {os.path.join(src, name)} holds {len(encoded)} samples, "
                                  f"its manifest says {s['num_samples']}")
-            encoded = encode_shard(vae, items, size=size, batch_size=batch_size, device=device,
-                                   out_dtype=out_dtype, posterior=posterior, seed=seed + k)
             shape = list(encoded[0][1].shape)
             samples = [(key, _Blob(LATENT_EXT, _npy_bytes(z)), label) for key, z, label in encoded]
             sha, idx_sha = packmod.write_shard(out, name, samples, width)
