@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", nargs="*", default=None, help="subset of providers to run")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (CPU)")
     ap.add_argument("--quick", action="store_true", help="one small shape and few repetitions (smoke run)")
+    ap.add_argument("--grid", default=None, help="shapes to run instead of the default grid, e.g. 64x256,8x64 (BxS)")
     ap.add_argument("--out-dir", default=None, help="directory of the JSON result (default benchmarks/results)")
     args = ap.parse_args(argv)
 
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     in_bytes = torch.finfo(dtype).bits // 8
     grid = QUICK_GRID if args.quick else (GPU_GRID if device == "cuda" else CPU_GRID)
+    if args.grid:
+        grid = [tuple(int(v) for v in item.split("x")) for item in args.grid.split(",")]
     reps = args.reps or (3 if args.quick else (20 if device == "cuda" else 10))
     provs = providers_for(device, args.providers)
 
