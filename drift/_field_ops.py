@@ -10,7 +10,8 @@ Both fused backends ("cpp" from drift._C, "triton" from kernels/) expose the sam
 The C++ ops also pass pass 1's Gram block X T^T ([B, G, M]) on to passes 2 and 3 (`carries_dot`):
 on CPU the GEMMs dominate and memory is plentiful; the Triton kernels recompute it on chip instead.
 
-`three_pass` strings them together and all-reduces the two global sums over `process_group` between
+Importing this module registers the C++ ops' fake kernels (when drift._C is built), so a first call
+inside torch.compile finds them. `three_pass` strings the passes together and all-reduces the two global sums over `process_group` between
 passes, exactly where the reference does, so every rank uses the global scale and RMS. Nothing in it
 syncs with the host, so it traces into one graph under torch.compile (the ops have fake kernels).
 """
@@ -99,38 +100,28 @@ def _fake_force(gen, pos, neg, neg_weight, dot, scale, rms, temperatures, normal
     return gen.new_empty(gen.shape, dtype=dt), gen.new_empty(gen.shape[:-2], dtype=dt)
 
 
-_registered = False
-
-
-def register_cpp_fakes() -> None:
-    """Give the C++ ops fake (meta) kernels so torch.compile can trace them. Idempotent."""
-    global _registered
-    if _registered:
-        return
-    _ext.require()
+def _register_cpp_fakes() -> None:
     torch.library.register_fake("drift::field_scale_sums")(_fake_scale_sums)
     torch.library.register_fake("drift::field_sumsq")(_fake_sumsq)
     torch.library.register_fake("drift::field_force")(_fake_force)
-    _registered = True
 
 
-def cpp_ops() -> FieldOps:
-    """The C++ pass ops (extension required)."""
-    register_cpp_fakes()
-    return FieldOps("cpp", torch.ops.drift.field_scale_sums, torch.ops.drift.field_sumsq, torch.ops.drift.field_force,
-                    carries_dot=True)
+# Registered when this module is imported (as extension-cpp does), never lazily: a first call that
+# happens inside torch.compile must not trace register_fake, which dynamo refuses.
+if _ext.HAS_C_EXT:
+    _register_cpp_fakes()
+    CPP_OPS: Optional[FieldOps] = FieldOps("cpp", torch.ops.drift.field_scale_sums, torch.ops.drift.field_sumsq,
+                                           torch.ops.drift.field_force, carries_dot=True)
+else:
+    CPP_OPS = None
 
 
-def make_cpp_field() -> Callable:
-    """The "cpp" backend: a drifting_field_reference-compatible callable over the C++ ops."""
-    ops = cpp_ops()
-
-    def drifting_field_cpp(gen, pos, neg=None, neg_weight=None, temperatures=(0.02, 0.05, 0.2),
-                           normalization="xy", process_group=None) -> DriftField:
-        for name, t in (("gen", gen), ("pos", pos), ("neg", neg), ("neg_weight", neg_weight)):
-            if t is not None and t.device.type != "cpu":
-                raise ValueError(f"backend='cpp' runs on CPU tensors only, but {name} is on {t.device}; "
-                                 "use backend='triton' (CUDA) or 'reference'")
-        return three_pass(ops, gen, pos, neg, neg_weight, temperatures, normalization, process_group)
-
-    return drifting_field_cpp
+def drifting_field_cpp(gen, pos, neg=None, neg_weight=None, temperatures=(0.02, 0.05, 0.2), normalization="xy",
+                       process_group=None) -> DriftField:
+    """The "cpp" backend: drifting_field_reference's signature over the C++ ops (CPU tensors only)."""
+    _ext.require()
+    for name, t in (("gen", gen), ("pos", pos), ("neg", neg), ("neg_weight", neg_weight)):
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors only, but {name} is on {t.device}; "
+                             "use backend='triton' (CUDA) or 'reference'")
+    return three_pass(CPP_OPS, gen, pos, neg, neg_weight, temperatures, normalization, process_group)

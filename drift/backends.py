@@ -10,7 +10,6 @@ drift/ that imports kernels/.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
@@ -43,30 +42,26 @@ def has_triton() -> bool:
     return HAS_TRITON
 
 
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _drifting_field_triton(gen, pos, neg=None, neg_weight=None, temperatures=(0.02, 0.05, 0.2),
+                           normalization="xy", process_group=None):
+    """The "triton" backend: drifting_field_reference's signature over the Triton pass ops."""
+    from drift._field_ops import three_pass
+    from kernels import drifting_field as kdf
+
+    if gen.device.type != "cuda" and not kdf.INTERPRETED:
+        raise ValueError(f"backend='triton' needs CUDA tensors (gen is on {gen.device}); on CPU use "
+                         "backend='cpp' or 'reference', or set TRITON_INTERPRET=1 before importing triton")
+    for name, t in (("pos", pos), ("neg", neg), ("neg_weight", neg_weight)):
+        if t is not None and t.device != gen.device:
+            raise ValueError(f"{name} is on {t.device} but gen is on {gen.device}")
+    return three_pass(kdf.field_ops(), gen, pos, neg, neg_weight, temperatures, normalization, process_group)
 
 
 def _triton() -> Callable:
     if not has_triton():
         raise ValueError("backend='triton' needs the triton package, which is not importable here")
-    from drift._field_ops import three_pass
-    from kernels import drifting_field as kdf
-
-    ops = kdf.field_ops()
-    interpreted = triton_interpreted()
-
-    def drifting_field_triton(gen, pos, neg=None, neg_weight=None, temperatures=(0.02, 0.05, 0.2),
-                              normalization="xy", process_group=None):
-        if gen.device.type != "cuda" and not interpreted:
-            raise ValueError(f"backend='triton' needs CUDA tensors (gen is on {gen.device}); on CPU use "
-                             "backend='cpp' or 'reference', or set TRITON_INTERPRET=1 before importing triton")
-        for name, t in (("pos", pos), ("neg", neg), ("neg_weight", neg_weight)):
-            if t is not None and t.device != gen.device:
-                raise ValueError(f"{name} is on {t.device} but gen is on {gen.device}")
-        return three_pass(ops, gen, pos, neg, neg_weight, temperatures, normalization, process_group)
-
-    return drifting_field_triton
+    from kernels import drifting_field  # noqa: F401  (registers the drift::triton_field_* ops)
+    return _drifting_field_triton
 
 
 def _load(name: str) -> Callable:
@@ -77,8 +72,8 @@ def _load(name: str) -> Callable:
         if not _ext.HAS_C_EXT:
             raise ValueError(f"backend='cpp' is not available: drift._C is not built ({_ext._IMPORT_ERROR}); "
                              "run `make build`")
-        from drift._field_ops import make_cpp_field
-        return make_cpp_field()
+        from drift._field_ops import drifting_field_cpp
+        return drifting_field_cpp
     if name == "triton":
         return _triton()
     raise ValueError(f"backend {name!r} is not available in this build")

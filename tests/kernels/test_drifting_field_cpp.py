@@ -90,11 +90,12 @@ def test_field_cpp_compiles_fullgraph():
     gen, pos, neg, w = case_inputs(2, 5, 4, 3, 9, 1.0, "random", seed=6)
 
     def f(g, p, n, nw):
-        res = drifting_field(g, p, n, nw, backend="cpp", check_finite=False)
+        res = drifting_field(g, p, n, nw, check_finite=False)  # "auto" -> cpp on CPU
         return res.force, res.loss, res.force_rms
 
     eager = f(gen, pos, neg, w)
     torch._dynamo.reset()
+    backends._override(None)  # empties the backend cache: the first resolution now happens while tracing
     # aot_eager runs dynamo + AOT tracing through the fake kernels (what fullgraph needs) without the
     # seconds of C++ code generation inductor would add to the CPU suite.
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(gen, pos, neg, w)
