@@ -43,7 +43,7 @@ from drift.tracking import init_tracking
 @dataclass
 class MAETrainConfig:
     # --- data
-    data: str = ""                  # drift-prep image shard directory (required)
+    data: str = ""                  # drift-prep image (or latent) shard directory (required)
     image_size: int = 0             # training crop size; 0 = the stored size (256 for ImageNet packs)
     vae: str = ""                   # SD-VAE directory: train a latent MAE on VAE latents of the augmented images
     loader_backend: str = "auto"    # auto (DALI if importable) | dali | pil
@@ -95,17 +95,28 @@ MAE_TRAIN_PRESETS = {
 
 # ------------------------------------------------------------------------------------------------ config / CLI
 
+def _help_texts() -> dict:
+    """Field -> its trailing comment in the dataclass source (the comments double as --help)."""
+    import inspect
+    import re
+    pat = re.compile(r"^\s+(\w+): [^#]*#\s*(.*)$")
+    return {m.group(1): m.group(2) for m in map(pat.match, inspect.getsource(MAETrainConfig).splitlines()) if m}
+
+
 def parse_cli(argv: Optional[List[str]] = None) -> MAETrainConfig:
     """Flags are generated from the MAETrainConfig fields (``--kebab-case``); ``--preset`` is applied first."""
     ap = argparse.ArgumentParser(prog="drift-mae", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=sorted(MAE_TRAIN_PRESETS), default=None)
+    ap.add_argument("--preset", choices=sorted(MAE_TRAIN_PRESETS), default=None,
+                    help="named settings applied before the other flags")
+    helps = _help_texts()
     for f in dataclasses.fields(MAETrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        h = f"{helps.get(f.name, '')} (default: {f.default!r})"
         if f.type in ("bool", bool):
-            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            ap.add_argument(flag, dest=f.name, type=typ, default=None)
+            ap.add_argument(flag, dest=f.name, type=typ, default=None, help=h)
     a = ap.parse_args(argv)
     values = dict(MAE_TRAIN_PRESETS[a.preset]) if a.preset else {}
     values.update({k: v for k, v in vars(a).items() if k != "preset" and v is not None})
