@@ -305,7 +305,10 @@ def _rows(gen, pos, neg, neg_weight) -> _Rows:
 
 
 def _acc(gen: torch.Tensor):
-    return (tl.float64, torch.float64) if gen.dtype == torch.float64 else (tl.float32, torch.float32)
+    """(triton compute dtype, torch compute dtype, GEMM input precision) for these inputs."""
+    if gen.dtype == torch.float64:
+        return tl.float64, torch.float64, "ieee"  # fp64 tiles have no tensor-core split
+    return tl.float32, torch.float32, DOT_PRECISION
 
 
 def _launch_config(G: int, M: int, S: int):
@@ -341,28 +344,37 @@ def field_scale_sums(gen, pos, neg=None, neg_weight=None) -> torch.Tensor:
     """Pass 1: [sum_{b,i,m} dist*tw, G * sum_{b,m} tw] in the compute dtype."""
     _check_device(gen, pos, neg, neg_weight)
     r = _rows(gen, pos, neg, neg_weight)
-    ACC, acc_dt = _acc(gen)
+    ACC, acc_dt, prec = _acc(gen)
     BG, BM, BS, nw = _launch_config(r.G, r.G + r.U + r.P, r.S)
     part = torch.empty(r.B, dtype=acc_dt, device=gen.device)
     ptrs, strides = _common_args(r)
     _field_scale_kernel[(r.B,)](*ptrs, part, r.B2, r.G, r.U, r.P, r.S, *strides,
                                 HAS_NEG=r.neg is not None, HAS_W=r.w is not None, ACC=ACC,
-                                BG=BG, BM=BM, BS=BS, PREC=DOT_PRECISION, num_warps=nw)
+                                BG=BG, BM=BM, BS=BS, PREC=prec, num_warps=nw)
     wsum = torch.full((), float(r.B * (r.G + r.P)), dtype=torch.float64, device=gen.device)
     if r.neg is not None:
         wsum = wsum + (r.w.sum(dtype=torch.float64) if r.w is not None else float(r.B * r.U))
     return torch.stack([part.sum(dtype=torch.float64), wsum * r.G]).to(acc_dt)
 
 
+_RINV_CACHE: dict = {}
+
+
 def _rinv(temperatures, device, dt):
-    return torch.tensor([1.0 / float(t) for t in temperatures], dtype=dt, device=device)
+    """1/R on the device, cached: building it per call would be a blocking host-to-device copy."""
+    key = (tuple(float(t) for t in temperatures), str(device), dt)
+    out = _RINV_CACHE.get(key)
+    if out is None:
+        out = torch.tensor([1.0 / t for t in key[0]], dtype=dt, device=device)
+        _RINV_CACHE[key] = out
+    return out
 
 
 def field_sumsq(gen, pos, neg, neg_weight, scale, temperatures, normalization) -> torch.Tensor:
     """Pass 2: sum over rows of ||force_R||^2 (scaled coordinates), one value per temperature."""
     _check_device(gen, pos, neg, neg_weight)
     r = _rows(gen, pos, neg, neg_weight)
-    ACC, acc_dt = _acc(gen)
+    ACC, acc_dt, prec = _acc(gen)
     BG, BM, BS, nw = _launch_config(r.G, r.G + r.U + r.P, r.S)
     nR = len(temperatures)
     part = torch.empty(r.B, nR, dtype=acc_dt, device=gen.device)
@@ -370,7 +382,7 @@ def field_sumsq(gen, pos, neg, neg_weight, scale, temperatures, normalization) -
     _field_sumsq_kernel[(r.B,)](*ptrs, scale.to(acc_dt).reshape(1), _rinv(temperatures, gen.device, acc_dt), part,
                                 nR, r.B2, r.G, r.U, r.P, r.S, *strides,
                                 NORM=NORM_CODES[normalization], HAS_NEG=r.neg is not None, HAS_W=r.w is not None,
-                                ACC=ACC, BG=BG, BM=BM, BS=BS, PREC=DOT_PRECISION, num_warps=nw)
+                                ACC=ACC, BG=BG, BM=BM, BS=BS, PREC=prec, num_warps=nw)
     return part.sum(0, dtype=torch.float64).to(acc_dt)
 
 
@@ -378,7 +390,7 @@ def field_force(gen, pos, neg, neg_weight, scale, rms, temperatures, normalizati
     """Pass 3: (force [*batch, G, S], loss [*batch]) given the global scale and per-R RMS."""
     _check_device(gen, pos, neg, neg_weight)
     r = _rows(gen, pos, neg, neg_weight)
-    ACC, acc_dt = _acc(gen)
+    ACC, acc_dt, prec = _acc(gen)
     BG, BM, BS, nw = _launch_config(r.G, r.G + r.U + r.P, r.S)
     nR = len(temperatures)
     force = torch.empty(r.B, r.G, r.S, dtype=acc_dt, device=gen.device)
@@ -388,7 +400,7 @@ def field_force(gen, pos, neg, neg_weight, scale, rms, temperatures, normalizati
                                 rms.to(acc_dt).contiguous(), force, loss,
                                 nR, r.B2, r.G, r.U, r.P, r.S, *strides,
                                 NORM=NORM_CODES[normalization], HAS_NEG=r.neg is not None, HAS_W=r.w is not None,
-                                ACC=ACC, BG=BG, BM=BM, BS=BS, PREC=DOT_PRECISION, num_warps=nw)
+                                ACC=ACC, BG=BG, BM=BM, BS=BS, PREC=prec, num_warps=nw)
     return force.reshape(*r.batch, r.G, r.S), loss.reshape(r.batch)
 
 

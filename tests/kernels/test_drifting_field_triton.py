@@ -12,7 +12,7 @@ import torch
 
 from drift import backends
 from drift.field import drifting_field, drifting_field_reference
-from tests.kernels.field_cases import TIE_FLOOR, case_inputs, check_backend, strided_inputs, tie_inputs
+from tests.kernels.field_cases import TIE_FLOOR, case_inputs, check_backend, golden, strided_inputs, tie_inputs
 from tests.utils import assert_close_to_ref, max_abs_err
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -50,6 +50,13 @@ def test_field_triton_interp_views_ties_and_options():
                   floor=TIE_FLOOR)
     gen, pos, neg, w = case_inputs(1, 4, 3, 2, 6, 1.0, "random", seed=9)
     check_backend("triton", gen + 300.0, pos + 300.0, neg + 300.0, w, normalization="none")
+    # fp64 inputs compute in fp64 (the floors are fp32 literals in the kernel: ~1e-9 relative at the floor).
+    gen, pos, neg, w = case_inputs(2, 4, 3, 2, 6, 1.0, "random", dtype=torch.float64, seed=3)
+    res = drifting_field(gen, pos, neg, w, backend="triton")
+    gold = golden(gen, pos, neg, w)
+    assert res.force.dtype == torch.float64
+    torch.testing.assert_close(res.force, gold["force"], rtol=0, atol=1e-8)
+    torch.testing.assert_close(res.scale, gold["scale"].reshape(()), rtol=1e-12, atol=0)
 
 
 @pytest.mark.interp
