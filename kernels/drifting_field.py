@@ -31,6 +31,7 @@ where triton_op cannot be traced).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -194,7 +195,8 @@ def _field_scale_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, out_ptr, B2, G, U, P, 
 
 
 @triton.jit
-def _field_sumsq_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, scale_ptr, rinv_ptr, out_ptr, NR, B2, G, U, P, S,
+def _field_sumsq_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, scale_ptr, rinv_ptr, out_ptr, inv_sqrt_s,
+                        NR, B2, G, U, P, S,
                         sg_b1, sg_b2, sg_n, sg_s, sn_b1, sn_b2, sn_n, sn_s, sp_b1, sp_b2, sp_n, sp_s,
                         sw_b1, sw_b2, sw_u,
                         NORM: tl.constexpr, HAS_NEG: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
@@ -208,7 +210,7 @@ def _field_sumsq_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, scale_ptr, rinv_ptr, o
     tw = _target_weights(w_row, sw_u, G, U, M, HAS_NEG, ACC, HAS_W, BM)
     scale = tl.load(scale_ptr).to(ACC)
     sc = tl.maximum(scale, 1e-3)
-    si = tl.maximum(scale / tl.sqrt(S.to(ACC)), 1e-3)
+    si = tl.maximum(scale * inv_sqrt_s, 1e-3)
     offs_g = tl.arange(0, BG)
     offs_m = tl.arange(0, BM)
     for r in range(NR):
@@ -226,7 +228,7 @@ def _field_sumsq_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, scale_ptr, rinv_ptr, o
 
 @triton.jit
 def _field_force_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, scale_ptr, rinv_ptr, rms_ptr, force_ptr, loss_ptr,
-                        NR, B2, G, U, P, S,
+                        inv_sqrt_s, NR, B2, G, U, P, S,
                         sg_b1, sg_b2, sg_n, sg_s, sn_b1, sn_b2, sn_n, sn_s, sp_b1, sp_b2, sp_n, sp_s,
                         sw_b1, sw_b2, sw_u,
                         NORM: tl.constexpr, HAS_NEG: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
@@ -240,7 +242,7 @@ def _field_force_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, scale_ptr, rinv_ptr, r
     tw = _target_weights(w_row, sw_u, G, U, M, HAS_NEG, ACC, HAS_W, BM)
     scale = tl.load(scale_ptr).to(ACC)
     sc = tl.maximum(scale, 1e-3)
-    si = tl.maximum(scale / tl.sqrt(S.to(ACC)), 1e-3)
+    si = tl.maximum(scale * inv_sqrt_s, 1e-3)
     ctot = tl.zeros((BG, BM), dtype=ACC)
     for r in range(NR):
         rinv = tl.load(rinv_ptr + r).to(ACC)
@@ -380,7 +382,7 @@ def field_sumsq(gen, pos, neg, neg_weight, scale, temperatures, normalization) -
     part = torch.empty(r.B, nR, dtype=acc_dt, device=gen.device)
     ptrs, strides = _common_args(r)
     _field_sumsq_kernel[(r.B,)](*ptrs, scale.to(acc_dt).reshape(1), _rinv(temperatures, gen.device, acc_dt), part,
-                                nR, r.B2, r.G, r.U, r.P, r.S, *strides,
+                                1.0 / math.sqrt(r.S), nR, r.B2, r.G, r.U, r.P, r.S, *strides,
                                 NORM=NORM_CODES[normalization], HAS_NEG=r.neg is not None, HAS_W=r.w is not None,
                                 ACC=ACC, BG=BG, BM=BM, BS=BS, PREC=prec, num_warps=nw)
     return part.sum(0, dtype=torch.float64).to(acc_dt)
@@ -397,7 +399,7 @@ def field_force(gen, pos, neg, neg_weight, scale, rms, temperatures, normalizati
     loss = torch.empty(r.B, dtype=acc_dt, device=gen.device)
     ptrs, strides = _common_args(r)
     _field_force_kernel[(r.B,)](*ptrs, scale.to(acc_dt).reshape(1), _rinv(temperatures, gen.device, acc_dt),
-                                rms.to(acc_dt).contiguous(), force, loss,
+                                rms.to(acc_dt).contiguous(), force, loss, 1.0 / math.sqrt(r.S),
                                 nR, r.B2, r.G, r.U, r.P, r.S, *strides,
                                 NORM=NORM_CODES[normalization], HAS_NEG=r.neg is not None, HAS_W=r.w is not None,
                                 ACC=ACC, BG=BG, BM=BM, BS=BS, PREC=prec, num_warps=nw)
