@@ -14,8 +14,7 @@ def _imports(path: pathlib.Path):
             for a in node.names:
                 yield a.name
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.module
-            for a in node.names:
+            for a in node.names:  # "from pkg import mod" is reported as "pkg.mod"
                 yield f"{node.module}.{a.name}"
         elif isinstance(node, ast.ImportFrom) and node.level > 0:
             yield "." * node.level + (node.module or "")
