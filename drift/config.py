@@ -260,10 +260,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  gen_per_label=64, pos_per_sample=128, neg_per_sample=32, lr=4e-4, weight_decay=0.01,
                  warmup_steps=10000, max_steps=100000, ema_decay=(0.999, 0.9995, 0.9998, 0.9999),
                  alpha_dist="power", neg_cfg_pw=5.0, push_per_step=128, attn_fp32=True, grad_checkpointing=True),
-    # CPU demo on Fashion-MNIST (28x28x1): a tiny DriftDiT, pixel features, all 10 classes every step.
+    # CPU demo on Fashion-MNIST (28x28x1): a tiny DriftDiT, encoder-free multi-scale pixel features, N_c = 10.
     # Tuned by measurement (benchmarks/RESULTS.md, "Trainer"); trains in minutes on 2 cores.
     "demo": dict(model="DriftDiT-N/4", hidden_size=64, depth=3, num_heads=4, num_prefix_tokens=4,
-                 features="pixels", train_batch_size=10, gen_per_label=16, pos_per_sample=32,
+                 features="pixel-multiscale", train_batch_size=10, gen_per_label=16, pos_per_sample=32,
                  neg_per_sample=8, lr=2e-3, weight_decay=0.01, warmup_steps=50, max_steps=1500,
                  ema_decay=(0.99,), alpha_dist="power", neg_cfg_pw=3.0, no_cfg_frac=0.0, push_per_step=64,
                  positive_bank_size=128, negative_bank_size=1000, log_every=25, ckpt_every=500,
@@ -271,7 +271,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 # Tiny preset for tests: seconds per step on one core.
-PRESETS["tiny"] = dict(PRESETS["demo"], hidden_size=32, depth=1, num_heads=2, num_prefix_tokens=2,
+PRESETS["tiny"] = dict(PRESETS["demo"], features="pixels", hidden_size=32, depth=1, num_heads=2, num_prefix_tokens=2,
                        train_batch_size=4, gen_per_label=4, pos_per_sample=4, neg_per_sample=2, max_steps=20,
                        warmup_steps=2, log_every=1, ckpt_every=10, positive_bank_size=16,
                        negative_bank_size=32, push_per_step=16, out_dir="outputs/tiny", progress=False)
