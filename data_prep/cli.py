@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train-* or t10k-* files")
     p.add_argument("--class-names", default=None,
                    help="comma-separated class names, or 'fashion-mnist' (default: '0', '1', ...)")
+    sub.add_parser("latents", help="encode a shard set into SD-VAE latent shards (both flips): "
+                                   "drift-prep latents SRC OUT --vae DIR (see data_prep/latents.py)")
     p = sub.add_parser("verify", help="check every shard of OUT against its manifest and decode every image")
     p.add_argument("out")
     p.add_argument("--workers", type=_positive, default=max(1, min(8, os.cpu_count() or 1)))
@@ -81,6 +83,10 @@ def _summary(m: dict, out: str, t0: float) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["latents"]:  # SD-VAE latent caching has its own parser (needs torch + diffusers)
+        from data_prep.latents import main as latents_main
+        return latents_main(argv[1:])
     a = build_parser().parse_args(argv)
     t0 = time.time()
     try:

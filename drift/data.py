@@ -324,7 +324,8 @@ class DaliLoader(_Base):
         images = out["images"]
         labels = _cls_to_labels(out["cls"], self.path)
         self.batches_consumed += 1
-        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        # contiguous NCHW: torch 2.14's CPU backward of strided 1x1 convs corrupts the heap on channels-last input
+        return images.contiguous().to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         sd = self._identity()
@@ -463,7 +464,7 @@ class PilLoader(_Base):
         if self.output == "float":
             images = (images.to(torch.float32) - 127.5) / 127.5
         self.batches_consumed += 1
-        return images.to(self.device), labels.to(self.device)
+        return images.contiguous().to(self.device), labels.to(self.device)  # contiguous NCHW, as the DALI path
 
     def state_dict(self) -> dict:
         sd = self._identity()

@@ -16,9 +16,12 @@ if _ROOT not in sys.path:
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Every test starts from seed 0 and gets back the thread count it started with (trainers set their own)."""
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -196,6 +196,15 @@ def test_channels_override(idx_data, jpeg_data, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("output", ["float", "uint8"])
+def test_batches_are_contiguous_nchw(jpeg_data, backend, output):
+    """Channels-last batches crash the CPU backward of strided 1x1 convs in torch 2.14; the loader hands out NCHW."""
+    with build_loader(jpeg_data[0], 4, backend=backend, mode="train", output=output) as loader:
+        x, _ = next(loader)
+    assert x.is_contiguous() and x.shape == (4, 3, 24, 24)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_corrupt_shards_give_errors_naming_them(tmp_path, idx_data, backend):
     import shutil
 
