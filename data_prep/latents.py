@@ -175,27 +175,7 @@ def run(src: str, out: str, vae_dir: str, *, size: int = 256, batch_size: int = 
     }, sort_keys=True).encode()).hexdigest()
 
     progress_path = os.path.join(out, packmod.PROGRESS_NAME)
-    records = {}
-    if os.path.isfile(progress_path):
-        try:
-            with open(progress_path, encoding="utf-8") as f:
-                prev = json.load(f)
-            if prev.get("fingerprint") == fingerprint:
-                records = prev.get("shards", {})
-            else:
-                log("drift-prep latents: inputs or settings changed since the previous run; re-encoding every shard")
-        except (OSError, json.JSONDecodeError):
-            log(f"drift-prep latents: ignoring unreadable progress record {progress_path}")
-    kept = {}
-    for name, rec in records.items():
-        if packmod._shard_done(out, rec):
-            kept[name] = rec
-        else:
-            log(f"drift-prep latents: {name} is missing or differs from its progress record; redoing it")
-    records = kept
-    for fn in os.listdir(out):
-        if fn.endswith(".partial"):
-            os.remove(os.path.join(out, fn))
+    records = packmod.resume_records(out, fingerprint, log, "drift-prep latents")
 
     def save_progress():
         schema.write_json_atomic(progress_path, {"fingerprint": fingerprint, "shards": records})

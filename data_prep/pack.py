@@ -243,6 +243,36 @@ def _shard_done(out_dir: str, rec: dict) -> bool:
 # Driver
 
 
+def resume_records(out_dir: str, fingerprint: str, log, who: str) -> Dict[str, dict]:
+    """Progress records of finished shards that can be kept by a rerun; removes half-written `.partial` files.
+
+    Records are dropped when the inputs or settings changed (another fingerprint) or the shard on disk no longer
+    matches its record. Shared by every resumable drift-prep command.
+    """
+    progress_path = os.path.join(out_dir, PROGRESS_NAME)
+    records: Dict[str, dict] = {}
+    if os.path.isfile(progress_path):
+        try:
+            with open(progress_path, encoding="utf-8") as f:
+                prev = json.load(f)
+            if prev.get("fingerprint") == fingerprint:
+                records = prev.get("shards", {})
+            else:
+                log(f"{who}: inputs or settings changed since the previous run in this directory; redoing every shard")
+        except (OSError, json.JSONDecodeError):
+            log(f"{who}: ignoring unreadable progress record {progress_path}")
+    kept = {}
+    for name, rec in records.items():
+        if _shard_done(out_dir, rec):
+            kept[name] = rec
+        else:
+            log(f"{who}: {name} is missing or differs from its progress record; redoing it")
+    for fn in os.listdir(out_dir):  # leftovers of an interrupted run
+        if fn.endswith(".partial"):
+            os.remove(os.path.join(out_dir, fn))
+    return kept
+
+
 def pack(out_dir: str, classes: List[str], cands: List[Candidate], settings: Settings, *,
          source_kind: str, source: str, scan_rejected: Sequence[dict] = (), files_seen: Optional[int] = None,
          idx_images: Optional[np.ndarray] = None, log: Callable[[str], None] = print) -> dict:
@@ -268,28 +298,7 @@ def pack(out_dir: str, classes: List[str], cands: List[Candidate], settings: Set
     n_shards = (len(order) + settings.shard_size - 1) // settings.shard_size
 
     progress_path = os.path.join(out_dir, PROGRESS_NAME)
-    records: Dict[str, dict] = {}
-    if os.path.isfile(progress_path):
-        try:
-            with open(progress_path, encoding="utf-8") as f:
-                prev = json.load(f)
-            if prev.get("fingerprint") == fingerprint:
-                records = prev.get("shards", {})
-            else:
-                log("drift-prep: inputs or settings changed since the previous run in this directory; "
-                    "repacking every shard")
-        except (OSError, json.JSONDecodeError):
-            log(f"drift-prep: ignoring unreadable progress record {progress_path}")
-    kept = {}
-    for name, rec in records.items():
-        if _shard_done(out_dir, rec):
-            kept[name] = rec
-        else:
-            log(f"drift-prep: {name} is missing or differs from its progress record; redoing it")
-    records = kept
-    for fn in os.listdir(out_dir):  # leftovers of an interrupted run
-        if fn.endswith(".partial"):
-            os.remove(os.path.join(out_dir, fn))
+    records = resume_records(out_dir, fingerprint, log, "drift-prep")
 
     def save_progress():
         schema.write_json_atomic(progress_path, {"fingerprint": fingerprint, "shards": records})
