@@ -3,6 +3,7 @@
     python benchmarks/bench_field.py                   # CUDA if present, else CPU (2 threads)
     python benchmarks/bench_field.py --device cpu --threads 2
     python benchmarks/bench_field.py --quick           # one small shape, few repetitions (CI smoke run)
+    python benchmarks/bench_field.py --device cpu --gup 16,8,32 --grid 1960x4,490x16   # demo-size rows
 
 Shapes (SPEC §9): B = 8 classes x L locations, G=64, U=16, P=64; GPU grid L in {1, 64, 256, 1024} x
 S in {64, 256, 640, 4096}; CPU grid is reduced but includes the CPU target B=64, S=256.
@@ -38,7 +39,8 @@ H100_BW = 3.35e12
 H100_TF32X3 = 495e12 / 3
 
 
-def model(B: int, S: int, in_bytes: int):
+def model(B: int, S: int, in_bytes: int, gup=(G, U, P)):
+    G, U, P = gup
     M = G + U + P
     nR = len(TEMPS)
     flops = B * 2 * G * M * S * (1 + nR)
@@ -46,9 +48,10 @@ def model(B: int, S: int, in_bytes: int):
     return flops, byts
 
 
-def triton_design_floor(B: int, S: int, in_bytes: int) -> float:
+def triton_design_floor(B: int, S: int, in_bytes: int, gup=(G, U, P)) -> float:
     """Predicted H100 time floor of the Triton kernels as designed (seconds): the targets are streamed
     1 (pass 1) + 1 + nR (pass 2) + 2 (pass 3) times, and each streamed chunk costs a tf32x3 GEMM."""
+    G, U, P = gup
     M = G + U + P
     nR = len(TEMPS)
     passes = 1 + (1 + nR) + 2
@@ -57,7 +60,8 @@ def triton_design_floor(B: int, S: int, in_bytes: int) -> float:
     return max(byts / H100_BW, flops / H100_TF32X3)
 
 
-def make_inputs(B: int, S: int, device: str, dtype: torch.dtype, seed: int = 0):
+def make_inputs(B: int, S: int, device: str, dtype: torch.dtype, seed: int = 0, gup=(G, U, P)):
+    G, U, P = gup
     g = torch.Generator(device="cpu").manual_seed(seed)
     gen = torch.randn(B, G, S, generator=g).to(device=device, dtype=dtype)
     pos = (torch.randn(B, P, S, generator=g) + 0.5).to(device=device, dtype=dtype)
@@ -90,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (CPU)")
     ap.add_argument("--quick", action="store_true", help="one small shape and few repetitions (smoke run)")
     ap.add_argument("--grid", default=None, help="shapes to run instead of the default grid, e.g. 64x256,8x64 (BxS)")
+    ap.add_argument("--gup", default=f"{G},{U},{P}",
+                    help="G,U,P: generated, unconditional-negative and positive samples per row (default SPEC §9)")
     ap.add_argument("--out-dir", default=None, help="directory of the JSON result (default benchmarks/results)")
     args = ap.parse_args(argv)
 
@@ -104,13 +110,19 @@ def main(argv=None) -> int:
     grid = QUICK_GRID if args.quick else (GPU_GRID if device == "cuda" else CPU_GRID)
     if args.grid:
         grid = [tuple(int(v) for v in item.split("x")) for item in args.grid.split(",")]
+    try:
+        gup = tuple(int(v) for v in args.gup.split(","))
+    except ValueError:
+        gup = ()
+    if len(gup) != 3 or gup[0] < 1 or gup[1] < 0 or gup[2] < 1:
+        ap.error(f"--gup must be G,U,P with G >= 1, U >= 0, P >= 1, got {args.gup!r}")
     reps = args.reps or (3 if args.quick else (20 if device == "cuda" else 10))
     provs = providers_for(device, args.providers)
 
     rows = []
     for B, S in grid:
-        inputs = make_inputs(B, S, device, dtype)
-        flops, byts = model(B, S, in_bytes)
+        inputs = make_inputs(B, S, device, dtype, gup=gup)
+        flops, byts = model(B, S, in_bytes, gup)
         ref_time = ref_mem = None
         for name, fn in provs.items():
             call = lambda: fn(*inputs)  # noqa: E731
@@ -130,7 +142,7 @@ def main(argv=None) -> int:
                    "speedup": (ref_time / med) if ref_time else None,
                    "mem_frac": (mem / ref_mem) if ref_mem else None}
             if device == "cuda":
-                row["h100_floor_ms"] = triton_design_floor(B, S, in_bytes) * 1e3
+                row["h100_floor_ms"] = triton_design_floor(B, S, in_bytes, gup) * 1e3
             rows.append(row)
         del inputs
 
@@ -139,9 +151,9 @@ def main(argv=None) -> int:
             ("tflops", "TFLOP/s", 8, ".3f"), ("gbps", "GB/s", 8, ".2f"), ("peak_mib", "peak MiB", 9, ".2f"),
             ("speedup", "x ref", 7, ".2f"), ("mem_frac", "mem/ref", 8, ".3f"), ("error", "note", 5, "s")]
     print(f"drifting field  device={H.device_name(device)}  threads={torch.get_num_threads()}  dtype={args.dtype}  "
-          f"G={G} U={U} P={P} R={TEMPS}")
+          f"G={gup[0]} U={gup[1]} P={gup[2]} R={TEMPS}")
     print(H.format_table(rows, cols))
-    path = H.write_json("field", device, {"dtype": args.dtype, "G": G, "U": U, "P": P, "temperatures": TEMPS,
+    path = H.write_json("field", device, {"dtype": args.dtype, "G": gup[0], "U": gup[1], "P": gup[2], "temperatures": TEMPS,
                                           "quantiles": H.QUANTILES, "rows": rows}, args.out_dir)
     print(f"wrote {path}")
     return 0

@@ -1,10 +1,12 @@
 // Fused drifting field for CPU tensors: three ops, one per pass of SPEC §3.3, orchestrated from Python
 // (drift/_field_ops.py) so the two global reductions can be all-reduced across ranks between passes.
 //
-//   drift::field_scale_sums(gen, pos, neg?, neg_weight?) -> ([2], dot [B, G, M])
+//   drift::field_scale_sums(gen, pos, neg?, neg_weight?) -> ([2] fp64, dot [B, G, M])
 //       [sum_{b,i,m} dist * tw,  G * sum_{b,m} tw]                       (step 3; scale = ratio)
-//   drift::field_sumsq(gen, pos, neg?, neg_weight?, dot, scale, temperatures, normalization) -> [nR]
+//   drift::field_sumsq(gen, pos, neg?, neg_weight?, dot, scale, temperatures, normalization) -> [nR] fp64
 //       sum_{b,i,s} force_R^2 for every R, in scaled coordinates          (step 7, before the RMS)
+// The two global sums stay fp64 until the caller has all-reduced them across ranks, so ranks holding parts
+// of the rows get the single-process scale and RMS to the last fp32 bit (bar a rounding tie).
 //   drift::field_force(gen, pos, neg?, neg_weight?, dot, scale, rms, temperatures, normalization) -> (force, loss)
 //       force = sum_R force_R / rms_R  [*batch, G, S];  loss = mean_{i,s} force^2  [*batch]
 //
@@ -17,14 +19,16 @@
 // the expanded-form distance and the Gram-matrix norms free of the cancellation a large common offset
 // would cause. The row tile is then:
 //   Gram block  D = X T^T  [G, M]  (one GEMM, G*M*S MACs) -> dist;
-//   pass 2 also forms K = T T^T [M, M] (the [U+P]^2 block is one more GEMM) and gets each ||force_R||^2
-//   from sum_i c'_i K c'_i^T, one [nR*G, M] x [M, M] GEMM, never forming a [G, S] force;
+//   pass 2, for wide features (S > M), forms K = T T^T [M, M] (the [U+P]^2 block is one more GEMM) and
+//   gets each ||force_R||^2 from sum_i c'_i K c'_i^T, one [nR*G, M] x [M, M] GEMM, never forming a [G, S]
+//   force; for narrow features it forms the nR forces [G, S] directly, which is then cheaper;
 //   pass 3 forms C = sum_R c'_R / rms_R and the force with one [G, M] x [M, S] GEMM.
 // Pass 1 hands its Gram block X T^T ([B, G, M], one tensor for all temperatures, the size of a single
 // distance matrix) to passes 2 and 3, which saves them a third of their GEMM work; nothing else of size
 // [B, G, M] is allocated, and nothing per temperature.
 // The two-axis softmax runs in registers/L1 on the [G, M] tile with a branch-free exp the compiler
-// vectorizes; GEMMs go to the BLAS behind ATen (at::mm_out on the thread's buffers).
+// vectorizes; large GEMMs go to the BLAS behind ATen (at::mm_out on the thread's buffers), small ones
+// are inline loops (gemm_rm).
 // Rows are distributed with at::parallel_for; per-row partial sums are reduced in fp64 in row order, so
 // results do not depend on the thread count.
 #include <torch/extension.h>
@@ -63,7 +67,9 @@ Norm parse_norm(const std::string& s) {
 // 1e-3 afterwards or summed with O(1) terms).
 inline float exp_nonpos(float x) {
   x = x < -87.0f ? -87.0f : x;
-  const float n = std::nearbyint(x * 1.44269504088896341f);
+  // Round to nearest by the 1.5 * 2^23 trick (|x * log2 e| < 2^22 here): unlike std::nearbyint it needs no
+  // SSE4.1 round instruction, so the loop still vectorizes in a baseline x86-64 build.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -81,10 +87,40 @@ inline float exp_nonpos(float x) {
 inline double exp_nonpos(double x) { return std::exp(x); }
 
 // Row-major C[m, n] = A[m, k] * op(B) with op(B) = B[k, n], or B^T when B is stored [n, k] (trans_b).
-// Goes through at::mm_out on borrowed buffers, i.e. the BLAS ATen was built with (MKL here); inside
-// at::parallel_for the BLAS runs single-threaded, one row tile per thread.
+// Large products go through at::mm_out on borrowed buffers, i.e. the BLAS ATen was built with (MKL here;
+// inside at::parallel_for it runs single-threaded, one row tile per thread). Small ones - the many-row,
+// few-feature problems of per-location feature keys (e.g. G = 16, M = 56, S = 4) - are plain loops: there
+// the ~10 us of wrapping and dispatching a BLAS call per row costs far more than the arithmetic.
+constexpr int64_t kSmallGemmMacs = 1 << 15;
+
 template <typename acc_t>
 void gemm_rm(int64_t m, int64_t n, int64_t k, const acc_t* A, const acc_t* B, bool trans_b, acc_t* C) {
+  if (m * n * k <= kSmallGemmMacs) {
+    if (trans_b) {
+      for (int64_t i = 0; i < m; ++i) {
+        const acc_t* a = A + i * k;
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t* bj = B + j * k;
+          acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t l = 0; l < k; ++l) acc += a[l] * bj[l];
+          C[i * n + j] = acc;
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < m; ++i) {
+        acc_t* c = C + i * n;
+        std::fill(c, c + n, acc_t(0));
+        for (int64_t l = 0; l < k; ++l) {
+          const acc_t a = A[i * k + l];
+          const acc_t* bl = B + l * n;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) c[j] += a * bl[j];
+        }
+      }
+    }
+    return;
+  }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   auto a = at::from_blob(const_cast<acc_t*>(A), {m, k}, {k, 1}, opts);
   auto b = trans_b ? at::from_blob(const_cast<acc_t*>(B), {k, n}, {1, k}, opts)
@@ -273,88 +309,105 @@ struct RowTile {
 
   // Coefficients c' [G, M] for temperature R (written to `out`): affinities A (normalization, then the
   // weights), c- = -A- * rowsum(A+), c+ = A+ * rowsum(A-), and c'_ii -= rowsum(c) so force_i = sum_m c'_im t_m.
+  // Every buffer is read through a local raw pointer: through std::vector members GCC cannot prove the
+  // loops free of aliasing and leaves them scalar.
   void coefficients(acc_t scale, acc_t R, Norm norm, acc_t* out) {
     const int64_t G = p.G, M = p.M, GU = p.G + p.U;
     const acc_t inv = acc_t(1) / (std::max(scale, acc_t(kScaleEps)) * R);
     const acc_t mask = acc_t(kSelfMask) / R;
+    const acc_t* __restrict distp = dist.data();
+    const acc_t* __restrict twp = tw.data();
+    acc_t* __restrict Lp = L.data();
+    acc_t* __restrict Ep = E.data();
+    acc_t* __restrict rsp = rs.data();
+    if (static_cast<int64_t>(nrm_scratch_.size()) < M) nrm_scratch_.resize(M);
+    acc_t* __restrict cmax = nrm_scratch_.data();
+    acc_t* __restrict csp = cs.data();
     for (int64_t i = 0; i < G; ++i) {
-      const acc_t* di = dist.data() + i * M;
-      acc_t* li = L.data() + i * M;
+      const acc_t* __restrict di = distp + i * M;
+      acc_t* __restrict li = Lp + i * M;
 #pragma omp simd
       for (int64_t m = 0; m < M; ++m) li[m] = -di[m] * inv;
       li[i] -= mask;
     }
-    // Row softmax (over targets m): E = exp(L - rowmax), rs = row sums.
+    // Row softmax (over targets m): E = exp(L - rowmax), rs = 1 / row sums.
     if (norm != Norm::None) {
       for (int64_t i = 0; i < G; ++i) {
-        const acc_t* li = L.data() + i * M;
-        acc_t* ei = E.data() + i * M;
+        const acc_t* __restrict li = Lp + i * M;
+        acc_t* __restrict ei = Ep + i * M;
         acc_t mx = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t m = 0; m < M; ++m) mx = std::max(mx, li[m]);
+#pragma omp simd reduction(max : mx)
+        for (int64_t m = 0; m < M; ++m) mx = li[m] > mx ? li[m] : mx;
         acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t m = 0; m < M; ++m) {
-          ei[m] = exp_nonpos(li[m] - mx);
-          sum += ei[m];
+          const acc_t e = exp_nonpos(li[m] - mx);
+          ei[m] = e;
+          sum += e;
         }
-        rs[i] = acc_t(1) / sum;
+        rsp[i] = acc_t(1) / sum;
       }
     }
     if (norm == Norm::XY) {
       // Column softmax (over the G generated rows): L <- exp(L - colmax), cs = 1 / column sums.
-      std::vector<acc_t>& cmax = nrm_scratch_;
-      cmax.assign(M, -std::numeric_limits<acc_t>::infinity());
+      for (int64_t m = 0; m < M; ++m) cmax[m] = -std::numeric_limits<acc_t>::infinity();
       for (int64_t i = 0; i < G; ++i) {
-        const acc_t* li = L.data() + i * M;
-        for (int64_t m = 0; m < M; ++m) cmax[m] = std::max(cmax[m], li[m]);
+        const acc_t* __restrict li = Lp + i * M;
+#pragma omp simd
+        for (int64_t m = 0; m < M; ++m) cmax[m] = li[m] > cmax[m] ? li[m] : cmax[m];
       }
-      std::fill(cs.begin(), cs.begin() + M, acc_t(0));
+      for (int64_t m = 0; m < M; ++m) csp[m] = acc_t(0);
       for (int64_t i = 0; i < G; ++i) {
-        acc_t* li = L.data() + i * M;
+        acc_t* __restrict li = Lp + i * M;
 #pragma omp simd
         for (int64_t m = 0; m < M; ++m) {
-          li[m] = exp_nonpos(li[m] - cmax[m]);
-          cs[m] += li[m];
+          const acc_t e = exp_nonpos(li[m] - cmax[m]);
+          li[m] = e;
+          csp[m] += e;
         }
       }
-      for (int64_t m = 0; m < M; ++m) cs[m] = acc_t(1) / cs[m];
+#pragma omp simd
+      for (int64_t m = 0; m < M; ++m) csp[m] = acc_t(1) / csp[m];
       // A = sqrt(max(p_row * p_col, 1e-6)) * tw
       for (int64_t i = 0; i < G; ++i) {
-        const acc_t r = rs[i];
-        const acc_t* li = L.data() + i * M;
-        acc_t* ei = E.data() + i * M;
+        const acc_t r = rsp[i];
+        const acc_t* __restrict li = Lp + i * M;
+        acc_t* __restrict ei = Ep + i * M;
 #pragma omp simd
         for (int64_t m = 0; m < M; ++m) {
-          const acc_t prod = (ei[m] * r) * (li[m] * cs[m]);
-          ei[m] = std::sqrt(prod > acc_t(kAffinityEps) ? prod : acc_t(kAffinityEps)) * tw[m];
+          const acc_t prod = (ei[m] * r) * (li[m] * csp[m]);
+          ei[m] = std::sqrt(prod > acc_t(kAffinityEps) ? prod : acc_t(kAffinityEps)) * twp[m];
         }
       }
     } else if (norm == Norm::Y) {
       for (int64_t i = 0; i < G; ++i) {
-        const acc_t r = rs[i];
-        acc_t* ei = E.data() + i * M;
+        const acc_t r = rsp[i];
+        acc_t* __restrict ei = Ep + i * M;
 #pragma omp simd
-        for (int64_t m = 0; m < M; ++m) ei[m] = ei[m] * r * tw[m];
+        for (int64_t m = 0; m < M; ++m) ei[m] = ei[m] * r * twp[m];
       }
     } else {
       for (int64_t i = 0; i < G; ++i) {
-        const acc_t* li = L.data() + i * M;
-        acc_t* ei = E.data() + i * M;
+        const acc_t* __restrict li = Lp + i * M;
+        acc_t* __restrict ei = Ep + i * M;
 #pragma omp simd
-        for (int64_t m = 0; m < M; ++m) ei[m] = exp_nonpos(li[m]) * tw[m];
+        for (int64_t m = 0; m < M; ++m) ei[m] = exp_nonpos(li[m]) * twp[m];
       }
     }
     for (int64_t i = 0; i < G; ++i) {
-      const acc_t* ai = E.data() + i * M;
-      acc_t* ci = out + i * M;
-      acc_t sneg = 0, spos = 0;
+      const acc_t* __restrict ai = Ep + i * M;
+      acc_t* __restrict ci = out + i * M;
+      acc_t sneg = 0, spos = 0, rowsum = 0;
+#pragma omp simd reduction(+ : sneg)
       for (int64_t m = 0; m < GU; ++m) sneg += ai[m];
+#pragma omp simd reduction(+ : spos)
       for (int64_t m = GU; m < M; ++m) spos += ai[m];
-      acc_t rowsum = 0;
+#pragma omp simd reduction(+ : rowsum)
       for (int64_t m = 0; m < GU; ++m) {
         ci[m] = -ai[m] * spos;
         rowsum += ci[m];
       }
+#pragma omp simd reduction(+ : rowsum)
       for (int64_t m = GU; m < M; ++m) {
         ci[m] = ai[m] * sneg;
         rowsum += ci[m];
@@ -407,16 +460,35 @@ void scale_sums_impl(const Problem& p, std::vector<double>& part, acc_t* dot_out
   });
 }
 
+// ||force_R||^2 per row takes one of two routes, whichever needs fewer multiply-adds:
+//   Gram:   sum_i c'_i K c'_i^T with K = T T^T        (U+P)^2 S + nR G M^2   (wide features, S > M)
+//   direct: F_R = C'_R T, then sum F_R^2              nR G M S               (narrow features, S <= M)
 template <typename in_t, typename acc_t>
 void sumsq_impl(const Problem& p, const acc_t* dot_in, double sc, double si, const std::vector<double>& temps,
                 Norm norm, std::vector<double>& part) {
   const int64_t nR = static_cast<int64_t>(temps.size());
+  const int64_t G = p.G, M = p.M, S = p.S, UP = p.U + p.P;
+  const bool direct = nR * G * M * S <= UP * UP * S + nR * G * M * M;
   at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
     RowTile<in_t, acc_t> tile(p);
-    const int64_t G = p.G, M = p.M, S = p.S, UP = p.U + p.P;
-    std::vector<acc_t> K(M * M), Krr(UP * UP), C(nR * G * M), Z(nR * G * M);
+    std::vector<acc_t> C(nR * G * M);
+    std::vector<acc_t> K(direct ? 0 : M * M), Krr(direct ? 0 : UP * UP), Z(direct ? nR * G * S : nR * G * M);
     for (int64_t b = b0; b < b1; ++b) {
       tile.load(b, dot_in + b * G * M);
+      for (int64_t r = 0; r < nR; ++r)
+        tile.coefficients(static_cast<acc_t>(sc), static_cast<acc_t>(temps[r]), norm, C.data() + r * G * M);
+      if (direct) {
+        // F = C T for all temperatures at once ([nR*G, M] x [M, S]), then the sum of squares per R.
+        gemm_rm<acc_t>(nR * G, S, M, C.data(), tile.T.data(), /*trans_b=*/false, Z.data());
+        for (int64_t r = 0; r < nR; ++r) {
+          const acc_t* f = Z.data() + r * G * S;
+          acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t k = 0; k < G * S; ++k) acc += f[k] * f[k];
+          part[b * nR + r] = static_cast<double>(acc) / (si * si);
+        }
+        continue;
+      }
       // K = T T^T from the [G, M] block already in tile.dot and the [U+P]^2 block of the other targets.
       const acc_t* R = tile.T.data() + G * S;
       gemm_rm<acc_t>(UP, UP, S, R, R, /*trans_b=*/true, Krr.data());
@@ -428,8 +500,6 @@ void sumsq_impl(const Problem& p, const acc_t* dot_in, double sc, double si, con
       }
       for (int64_t a = 0; a < UP; ++a)
         for (int64_t c = 0; c < UP; ++c) K[(G + a) * M + G + c] = Krr[a * UP + c];
-      for (int64_t r = 0; r < nR; ++r)
-        tile.coefficients(static_cast<acc_t>(sc), static_cast<acc_t>(temps[r]), norm, C.data() + r * G * M);
       // Z = C K for all temperatures at once ([nR*G, M] x [M, M]), then sum_i c'_i . z_i.
       gemm_rm<acc_t>(nR * G, M, M, C.data(), K.data(), /*trans_b=*/false, Z.data());
       for (int64_t r = 0; r < nR; ++r) {
@@ -498,7 +568,7 @@ std::tuple<at::Tensor, at::Tensor> field_scale_sums_cpu(const at::Tensor& gen, c
   auto out = at::empty({2}, gen.options().dtype(at::kDouble));
   out.data_ptr<double>()[0] = num;
   out.data_ptr<double>()[1] = wsum * static_cast<double>(p.G);
-  return {out.to(acc), dot};
+  return {out, dot};
 }
 
 at::Tensor field_sumsq_cpu(const at::Tensor& gen, const at::Tensor& pos, const std::optional<at::Tensor>& neg,
@@ -523,7 +593,7 @@ at::Tensor field_sumsq_cpu(const at::Tensor& gen, const at::Tensor& pos, const s
   double* o = out.data_ptr<double>();
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t r = 0; r < nR; ++r) o[r] += part[b * nR + r];
-  return out.to(acc);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> field_force_cpu(const at::Tensor& gen, const at::Tensor& pos,

@@ -3,8 +3,8 @@
 Both fused backends ("cpp" from drift._C, "triton" from kernels/) expose the same three ops
 (SPEC §3.3), each a pass over the B rows that reads the inputs in place:
 
-    scale_sums(gen, pos, neg, neg_weight) -> [2]             [sum dist*tw, G*sum tw]   (step 3)
-    sumsq(..., scale, temperatures, normalization) -> [nR]   sum of force_R^2 per R   (step 7)
+    scale_sums(gen, pos, neg, neg_weight) -> [2] fp64        [sum dist*tw, G*sum tw]   (step 3)
+    sumsq(..., scale, temperatures, normalization) -> [nR] fp64  sum of force_R^2 per R  (step 7)
     force(..., scale, rms, temperatures, normalization) -> (force [*batch, G, S], loss [*batch])
 
 The C++ ops also pass pass 1's Gram block X T^T ([B, G, M]) on to passes 2 and 3 (`carries_dot`):
@@ -61,14 +61,18 @@ def three_pass(ops: FieldOps, gen: torch.Tensor, pos: torch.Tensor, neg: Optiona
         carried = (dot,)
     else:
         sums, carried = ops.scale_sums(gen, pos, neg, neg_weight), ()
-    sums = _all_reduce_sum(sums, process_group)
-    scale = sums[0] / sums[1]
+    # The global sums come back in fp64 and are all-reduced and divided in fp64 before rounding to the compute
+    # dtype: W ranks holding parts of the rows then get the single process's scale and RMS bit for bit (both
+    # round the same fp64 value, up to a last-bit tie), however the rows are split.
+    acc = compute_dtype(gen, pos, neg)
+    sums = _all_reduce_sum(sums.double(), process_group)
+    scale = (sums[0] / sums[1]).to(acc)
     scale_inputs = torch.clamp(scale / math.sqrt(S), min=SCALE_EPS)
 
     sumsq = ops.sumsq(gen, pos, neg, neg_weight, *carried, scale, temps, normalization)
-    stats = torch.cat([sumsq, sumsq.new_full((1,), float(rows * G * S))])
+    stats = torch.cat([sumsq.double(), sumsq.new_full((1,), float(rows * G * S), dtype=torch.float64)])
     stats = _all_reduce_sum(stats, process_group)
-    ms = stats[:-1] / stats[-1]
+    ms = (stats[:-1] / stats[-1]).to(acc)
     rms = torch.sqrt(torch.clamp(ms, min=RMS_EPS))
 
     force, loss = ops.force(gen, pos, neg, neg_weight, *carried, scale, rms, temps, normalization)
@@ -88,11 +92,11 @@ def _fake_scale_sums(gen, pos, neg, neg_weight):
     M = G + pos.shape[-2] + (neg.shape[-2] if neg is not None else 0)
     rows = math.prod(gen.shape[:-2])
     dt = _acc_dtype(gen)
-    return gen.new_empty((2,), dtype=dt), gen.new_empty((rows, G, M), dtype=dt)
+    return gen.new_empty((2,), dtype=torch.float64), gen.new_empty((rows, G, M), dtype=dt)
 
 
 def _fake_sumsq(gen, pos, neg, neg_weight, dot, scale, temperatures, normalization):
-    return gen.new_empty((len(temperatures),), dtype=_acc_dtype(gen))
+    return gen.new_empty((len(temperatures),), dtype=torch.float64)
 
 
 def _fake_force(gen, pos, neg, neg_weight, dot, scale, rms, temperatures, normalization):

@@ -348,7 +348,7 @@ def _check_device(*ts):
 
 
 def field_scale_sums(gen, pos, neg=None, neg_weight=None) -> torch.Tensor:
-    """Pass 1: [sum_{b,i,m} dist*tw, G * sum_{b,m} tw] in the compute dtype."""
+    """Pass 1: [sum_{b,i,m} dist*tw, G * sum_{b,m} tw] in fp64 (rounded after the cross-rank reduction)."""
     _check_device(gen, pos, neg, neg_weight)
     r = _rows(gen, pos, neg, neg_weight)
     ACC, acc_dt, prec = _acc(gen)
@@ -361,7 +361,7 @@ def field_scale_sums(gen, pos, neg=None, neg_weight=None) -> torch.Tensor:
     wsum = torch.full((), float(r.B * (r.G + r.P)), dtype=torch.float64, device=gen.device)
     if r.neg is not None:
         wsum = wsum + (r.w.sum(dtype=torch.float64) if r.w is not None else float(r.B * r.U))
-    return torch.stack([part.sum(dtype=torch.float64), wsum * r.G]).to(acc_dt)
+    return torch.stack([part.sum(dtype=torch.float64), wsum * r.G])
 
 
 _RINV_CACHE: dict = {}
@@ -378,7 +378,7 @@ def _rinv(temperatures, device, dt):
 
 
 def field_sumsq(gen, pos, neg, neg_weight, scale, temperatures, normalization) -> torch.Tensor:
-    """Pass 2: sum over rows of ||force_R||^2 (scaled coordinates), one value per temperature."""
+    """Pass 2: sum over rows of ||force_R||^2 (scaled coordinates), one fp64 value per temperature."""
     _check_device(gen, pos, neg, neg_weight)
     r = _rows(gen, pos, neg, neg_weight)
     ACC, acc_dt, prec = _acc(gen)
@@ -390,7 +390,7 @@ def field_sumsq(gen, pos, neg, neg_weight, scale, temperatures, normalization) -
                                 1.0 / math.sqrt(r.S), nR, r.B2, r.G, r.U, r.P, r.S, *strides,
                                 NORM=NORM_CODES[normalization], HAS_NEG=r.neg is not None, HAS_W=r.w is not None,
                                 ACC=ACC, BG=BG, BM=BM, BS=BS, PREC=prec, num_warps=nw, num_stages=NUM_STAGES)
-    return part.sum(0, dtype=torch.float64).to(acc_dt)
+    return part.sum(0, dtype=torch.float64)
 
 
 def field_force(gen, pos, neg, neg_weight, scale, rms, temperatures, normalization):
@@ -427,7 +427,7 @@ def triton_field_scale_sums(gen: torch.Tensor, pos: torch.Tensor, neg: Optional[
 
 @triton_field_scale_sums.register_fake
 def _(gen, pos, neg, neg_weight):
-    return gen.new_empty((2,), dtype=_acc_dtype(gen))
+    return gen.new_empty((2,), dtype=torch.float64)
 
 
 @torch.library.custom_op("drift::triton_field_sumsq", mutates_args=())
@@ -439,7 +439,7 @@ def triton_field_sumsq(gen: torch.Tensor, pos: torch.Tensor, neg: Optional[torch
 
 @triton_field_sumsq.register_fake
 def _(gen, pos, neg, neg_weight, scale, temperatures, normalization):
-    return gen.new_empty((len(temperatures),), dtype=_acc_dtype(gen))
+    return gen.new_empty((len(temperatures),), dtype=torch.float64)
 
 
 @torch.library.custom_op("drift::triton_field_force", mutates_args=())

@@ -22,6 +22,16 @@ def test_field_cpp_matches_golden(B, G, P, U, S, scale, weights):
     check_backend("cpp", *case_inputs(B, G, P, U, S, scale, weights, seed=B * 100 + G * 10 + S))
 
 
+# Row tiles take different code paths by size (csrc/drifting_field.cpp): GEMMs of more than 2^15 multiply-adds
+# go to the BLAS, smaller ones are inline loops; pass 2 gets ||force_R||^2 through the targets' Gram matrix
+# when S is wide, by forming the forces when S is narrow. SHAPES are all small; these cover the rest:
+# a wide row tile on the BLAS with the Gram route, a narrow one on the BLAS with the direct route, and the
+# many-row, 4-feature shape of per-location pixel keys.
+@pytest.mark.parametrize("B,G,P,U,S", [(2, 16, 24, 8, 256), (2, 64, 96, 24, 8), (50, 16, 32, 8, 4)])
+def test_field_cpp_blas_and_direct_paths(B, G, P, U, S):
+    check_backend("cpp", *case_inputs(B, G, P, U, S, 1.0, "random", seed=B + G + S))
+
+
 @pytest.mark.parametrize("normalization", ["y", "none"])
 def test_field_cpp_normalizations(normalization):
     check_backend("cpp", *case_inputs(3, 6, 5, 3, 11, 1.0, "random", seed=7), normalization=normalization)
