@@ -30,6 +30,7 @@ class TrainConfig:
     num_heads: int = 0  # override the preset's attention heads (0 = preset value)
     patch_size: int = 0  # override the preset's patch size (0 = preset value)
     num_prefix_tokens: int = -1  # override the 16 in-context tokens (-1 = preset value)
+    num_style_tokens: int = -1  # override the 32 summed style tokens (-1 = preset value; 0 = none)
     attn_fp32: bool = False  # attention softmax in fp32 under autocast (official pixel/ablation configs)
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
 
@@ -131,6 +132,8 @@ class TrainConfig:
             raise ValueError("lr and max_grad_norm must be > 0 and weight_decay >= 0")
         if self.num_prefix_tokens < -1:
             raise ValueError(f"num_prefix_tokens must be >= -1, got {self.num_prefix_tokens}")
+        if self.num_style_tokens < -1:
+            raise ValueError(f"num_style_tokens must be >= -1, got {self.num_style_tokens}")
         return self
 
     def model_kwargs(self) -> Dict[str, Any]:
@@ -141,6 +144,8 @@ class TrainConfig:
                 kw[name] = getattr(self, name)
         if self.num_prefix_tokens >= 0:
             kw["num_prefix_tokens"] = self.num_prefix_tokens
+        if self.num_style_tokens >= 0:
+            kw["num_style_tokens"] = self.num_style_tokens
         if self.attn_fp32:
             kw["attn_fp32"] = True
         return kw
@@ -227,8 +232,8 @@ def _coerce(f: dataclasses.Field, v: Any) -> Any:
 
 
 # Shape-defining keys: a checkpoint can only be resumed by a config that agrees on these.
-SHAPE_KEYS = ("model", "hidden_size", "depth", "num_heads", "patch_size", "num_prefix_tokens", "image_size",
-              "features", "positive_bank_size", "negative_bank_size", "ema_decay")
+SHAPE_KEYS = ("model", "hidden_size", "depth", "num_heads", "patch_size", "num_prefix_tokens", "num_style_tokens",
+              "image_size", "features", "positive_bank_size", "negative_bank_size", "ema_decay")
 
 
 # ---------------------------------------------------------------------------------------------------

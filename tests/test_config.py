@@ -72,6 +72,7 @@ def test_config_file_between_preset_and_flags(tmp_path):
     (dict(gen_per_label=1), "gen_per_label"), (dict(train_batch_size=0), "train_batch_size"),
     (dict(alpha_dist="gauss"), "alpha_dist"), (dict(cfg_min=0.5), "cfg_min"), (dict(R_list=()), "R_list"),
     (dict(ema_decay=(1.0,)), "ema_decay"), (dict(no_cfg_frac=1.5), "no_cfg_frac"), (dict(wandb="yes"), "wandb"),
+    (dict(num_style_tokens=-2), "num_style_tokens"), (dict(num_prefix_tokens=-3), "num_prefix_tokens"),
 ])
 def test_bad_values_name_the_field(kw, word):
     with pytest.raises(ValueError, match=word):
@@ -130,3 +131,16 @@ def test_mixed_fraction_and_uniform():
         sample_alpha(3, dist="normal")
     with pytest.raises(ValueError, match="cfg_min"):
         sample_alpha(3, cfg_min=0.5)
+
+
+def test_style_token_override_reaches_the_model():
+    from drift.trainer import build_generator_model
+    base = TrainConfig.from_preset("tiny")
+    assert "num_style_tokens" not in base.model_kwargs()  # -1: the preset's 32
+    assert build_generator_model(base, 4, 8, 1).num_style_tokens == 32
+    for n in (0, 4):
+        cfg = TrainConfig.from_preset("tiny", num_style_tokens=n)
+        m = build_generator_model(cfg, 4, 8, 1)
+        assert m.num_style_tokens == n and m.sample_style(3).shape == (3, n)
+        out = m(torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 3]), torch.ones(3))
+        assert out.shape == (3, 1, 8, 8)
