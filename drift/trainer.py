@@ -57,10 +57,15 @@ def step_seed(seed: int, step: int, slot: int = -1) -> int:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup from 1e-6 to cfg.lr over warmup_steps, then constant (official schedule)."""
-    if cfg.warmup_steps <= 0 or step >= cfg.warmup_steps:
-        return cfg.lr
-    return LR_START + (cfg.lr - LR_START) * step / cfg.warmup_steps
+    """Linear warmup from 1e-6 to cfg.lr over warmup_steps, then constant (official schedule); with
+    lr_decay_steps > 0, a linear decay over the run's last lr_decay_steps steps (step max_steps - 1 gets
+    lr / lr_decay_steps), the short-run option the small presets use."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return LR_START + (cfg.lr - LR_START) * step / cfg.warmup_steps
+    left = cfg.max_steps - step
+    if cfg.lr_decay_steps > 0 and left < cfg.lr_decay_steps:
+        return cfg.lr * max(left, 0) / cfg.lr_decay_steps
+    return cfg.lr
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

@@ -73,10 +73,16 @@ def test_sampled_inputs_follow_the_contract(tmp_path):
 
 
 def test_lr_schedule():
-    cfg = TrainConfig.from_preset("demo", lr=1e-3, warmup_steps=10)
+    cfg = TrainConfig.from_preset("demo", lr=1e-3, warmup_steps=10, lr_decay_steps=0)
     assert lr_at(cfg, 0) == pytest.approx(1e-6)
     assert lr_at(cfg, 5) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
     assert lr_at(cfg, 10) == lr_at(cfg, 10_000) == 1e-3
+    # Optional linear cooldown over the last lr_decay_steps of max_steps.
+    cfg = TrainConfig.from_preset("demo", lr=1e-3, warmup_steps=10, max_steps=100, lr_decay_steps=40)
+    assert lr_at(cfg, 59) == 1e-3 and lr_at(cfg, 60) == 1e-3
+    assert lr_at(cfg, 61) == pytest.approx(1e-3 * 39 / 40) and lr_at(cfg, 99) == pytest.approx(1e-3 / 40)
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        TrainConfig.from_preset("demo", lr_decay_steps=-1)
 
 
 def test_non_finite_loss_writes_crash_checkpoint(tmp_path, monkeypatch):
