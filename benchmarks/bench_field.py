@@ -4,12 +4,20 @@
     python benchmarks/bench_field.py --device cpu --threads 2
     python benchmarks/bench_field.py --quick           # one small shape, few repetitions (CI smoke run)
     python benchmarks/bench_field.py --device cpu --gup 16,8,32 --grid 1960x4,490x16   # demo-size rows
+    python benchmarks/bench_field.py --precompile fp32,bf16 --jobs 12   # compile the Triton launch candidates
+                                                                        # in parallel processes, then exit
 
 Shapes (SPEC §9): B = 8 classes x L locations, G=64, U=16, P=64; GPU grid L in {1, 64, 256, 1024} x
 S in {64, 256, 640, 4096}; CPU grid is reduced but includes the CPU target B=64, S=256.
 Per provider: median and p20/p80 time, TFLOP/s and GB/s from the counted model below, peak extra memory,
-speedup vs the eager reference. Prints a fixed-width table and writes
-benchmarks/results/field-<device>-<utc>.json.
+speedup vs the eager reference, and the wall time of the first call (torch.compile's compile time; the
+Triton kernels' compile + autotuning). Each shape prints a progress line as it finishes; the table at the
+end and benchmarks/results/field-<device>-<utc>.json hold everything, including the launch configuration
+the Triton autotuner picked per kernel and shape, with every candidate's time ("autotune" in the JSON).
+
+Cells are skipped, with the reason in the "note" column, rather than failing the run: the eager
+reference where its estimated peak memory exceeds the free device memory, torch.compile outside
+--compile-grid (each shape is a fresh compile), and every cell once --time-budget-s is spent.
 
 Counted model (the work any implementation must do, the same for every provider):
   FLOPs = B * 2*G*M*S * (1 + nR)   (distances, then one coefficient-times-targets product per temperature)
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -32,11 +41,16 @@ from drift.field import drifting_field, drifting_field_reference  # noqa: E402
 G, U, P = 64, 16, 64
 TEMPS = (0.02, 0.05, 0.2)
 GPU_GRID = [(8 * L, S) for L in (1, 64, 256, 1024) for S in (64, 256, 640, 4096)]
+# Shapes measured before (benchmarks/RESULTS.md) run first, so a run cut short still compares with them; then
+# the largest, so that a time budget drops the small, launch-bound ones.
+GPU_FIRST = [(512, 256), (2048, 640), (8192, 64)]
 CPU_GRID = [(8, 64), (8, 256), (64, 64), (64, 256), (64, 640)]
 QUICK_GRID = [(8, 64)]
-# H100 SXM: HBM3 3.35 TB/s; dense TF32 tensor cores ~495 TFLOP/s, so tf32x3 (3 products) ~165 TFLOP/s.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# H100 SXM: HBM3 3.35 TB/s; dense TF32 tensor cores ~495 TFLOP/s, so 3xTF32 (3 products) ~165 TFLOP/s.
 H100_BW = 3.35e12
 H100_TF32X3 = 495e12 / 3
+PROVIDER_ORDER = ("reference", "reference+compile", "cpp", "triton")
 
 
 def model(B: int, S: int, in_bytes: int, gup=(G, U, P)):
@@ -50,54 +64,155 @@ def model(B: int, S: int, in_bytes: int, gup=(G, U, P)):
 
 def triton_design_floor(B: int, S: int, in_bytes: int, gup=(G, U, P)) -> float:
     """Predicted H100 time floor of the Triton kernels as designed (seconds): the targets are streamed
-    1 (pass 1) + 1 + nR (pass 2) + 2 (pass 3) times, and each streamed chunk costs a tf32x3 GEMM."""
+    once in pass 1, once (Gram route) or 1 + nR times (streaming route, S below ~M) in pass 2 and twice in
+    pass 3, and each streamed chunk costs 3xTF32 GEMMs; the Gram route adds its target-target blocks."""
     G, U, P = gup
     M = G + U + P
     nR = len(TEMPS)
-    passes = 1 + (1 + nR) + 2
-    byts = B * M * S * in_bytes * passes + B * G * S * 4
-    flops = B * 2 * G * M * S * passes  # padded tiles ignored: a floor, not an estimate
-    return max(byts / H100_BW, flops / H100_TF32X3)
+    stream2 = (1 + nR) * G * M * S
+    gram2 = (G * M + U * U + U * P + P * P) * S + nR * G * M * M
+    macs = B * (G * M * S * 3 + min(stream2, gram2))  # pass 1 + pass 3 (two sweeps) + pass 2
+    reads = 3 + (1 if gram2 < stream2 else 1 + nR)
+    byts = B * M * S * in_bytes * reads + B * G * S * 4
+    return max(byts / H100_BW, 2 * macs / H100_TF32X3)
+
+
+def reference_peak_estimate(B: int, S: int, in_bytes: int, gup=(G, U, P)) -> int:
+    """Rough peak extra memory of the eager reference in bytes: per row it holds ~2 [M, S] fp32 copies of the
+    targets (concatenated, scaled), ~8 [G, S] fp32 tensors (scaled gen, three per-R forces and their temporaries)
+    and ~6 [G, M] ones (fitted to the CPU measurements in RESULTS.md), plus an fp32 copy of bf16 inputs."""
+    G, U, P = gup
+    M = G + U + P
+    floats = (2 * M + 8 * G) * S + 6 * G * M + (M * S if in_bytes < 4 else 0)
+    return 4 * B * floats
 
 
 def make_inputs(B: int, S: int, device: str, dtype: torch.dtype, seed: int = 0, gup=(G, U, P)):
+    """Random inputs drawn on `device` (drawing 10^10 numbers on the CPU would take minutes)."""
     G, U, P = gup
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    gen = torch.randn(B, G, S, generator=g).to(device=device, dtype=dtype)
-    pos = (torch.randn(B, P, S, generator=g) + 0.5).to(device=device, dtype=dtype)
-    neg = (torch.randn(B, U, S, generator=g) * 1.5).to(device=device, dtype=dtype)
-    w = (torch.rand(B, U, generator=g) * 3).to(device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device)
+
+    gen = randn(B, G, S).to(dtype)
+    pos = (randn(B, P, S) + 0.5).to(dtype)
+    neg = (randn(B, U, S) * 1.5).to(dtype)
+    w = (torch.rand(B, U, generator=g, device=device) * 3).to(dtype)
     return gen, pos, neg, w
 
 
-def providers_for(device: str, wanted):
-    out = {}
-    ref = lambda g, p, n, w: drifting_field_reference(g, p, n, w, TEMPS).force  # noqa: E731
-    out["reference"] = ref
-    if wanted is None or "reference+compile" in wanted:  # building it imports dynamo: skip when unused
-        out["reference+compile"] = torch.compile(ref, dynamic=False)
+def _reference(g, p, n, w):
+    return drifting_field_reference(g, p, n, w, TEMPS).force
+
+
+def provider_factories(device: str, wanted):
+    """name -> factory() returning the callable for one shape. torch.compile gets a fresh compile per shape
+    (after torch._dynamo.reset()), so dynamo's recompile limit never turns later shapes back into eager."""
+    out = {"reference": lambda: _reference}
+    if wanted is None or "reference+compile" in wanted:
+        def compiled():
+            torch._dynamo.reset()
+            return torch.compile(_reference, dynamic=False)
+        out["reference+compile"] = compiled
     if device == "cpu" and backends.has_cpp():
-        out["cpp"] = lambda g, p, n, w: drifting_field(g, p, n, w, temperatures=TEMPS, backend="cpp",  # noqa: E731
-                                                       check_finite=False).force
+        out["cpp"] = lambda: (lambda g, p, n, w: drifting_field(g, p, n, w, temperatures=TEMPS, backend="cpp",
+                                                                check_finite=False).force)
     if device == "cuda" and backends.has_triton():
-        out["triton"] = lambda g, p, n, w: drifting_field(g, p, n, w, temperatures=TEMPS,  # noqa: E731
-                                                          backend="triton", check_finite=False).force
+        out["triton"] = lambda: (lambda g, p, n, w: drifting_field(g, p, n, w, temperatures=TEMPS, backend="triton",
+                                                                   check_finite=False).force)
     return {k: v for k, v in out.items() if wanted is None or k in wanted}
+
+
+def _parse_grid(text: str):
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+
+
+def _tuning_log():
+    if not backends.has_triton():
+        return []
+    from kernels import drifting_field as kdf
+    return kdf.tuning_log()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def precompile(dtype_names, jobs: int, gup=(G, U, P), device: str = "cuda") -> int:
+    """Compile every Triton launch candidate of the GPU grid's shapes in `jobs` processes (Triton compiles
+    on one core per kernel); later runs load them from Triton's on-disk cache. Prints one line per kernel."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from kernels import drifting_field as kdf
+
+    S_values = sorted({S for _, S in GPU_GRID})
+    tasks = [(name, k, tuple(c)) for name in dtype_names for k, c in kdf.compile_tasks(*gup, S_values=S_values)]
+    t0 = time.perf_counter()
+    print(f"precompiling {len(tasks)} kernels ({', '.join(dtype_names)}) in {jobs} processes", flush=True)
+    failed = 0
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_precompile_one, t, gup, device): t for t in tasks}
+        for fut in cf.as_completed(futures):
+            name, kernel, cfg = futures[fut]
+            try:
+                status, secs = fut.result()
+            except Exception as e:  # noqa: BLE001  (a crashed worker: report it, the tuner compiles later)
+                status, secs = f"{type(e).__name__}: {e}", 0.0
+            failed += status != "ok"
+            print(f"  {name} {kernel:5s} {kdf.Config(*cfg).label():18s} {secs:5.1f} s  {status}", flush=True)
+    print(f"precompile done in {time.perf_counter() - t0:.1f} s ({failed} did not compile or fit)", flush=True)
+    return 0
+
+
+def _precompile_one(task, gup, device):
+    name, kernel, cfg = task
+    from kernels import drifting_field as kdf
+    t0 = time.perf_counter()
+    status = kdf.warm_compile(kernel, kdf.Config(*cfg), DTYPES[name], *gup, device=device)
+    return status, time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2, help="CPU intra-op threads, the same for every provider")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--providers", nargs="*", default=None, help="subset of providers to run")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (CPU)")
     ap.add_argument("--quick", action="store_true", help="one small shape and few repetitions (smoke run)")
     ap.add_argument("--grid", default=None, help="shapes to run instead of the default grid, e.g. 64x256,8x64 (BxS)")
+    ap.add_argument("--compile-grid", default=None,
+                    help="shapes (BxS) on which reference+compile runs (default: all; each is a fresh compile)")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="skip the remaining cells once this much wall time is spent (they get a note)")
     ap.add_argument("--gup", default=f"{G},{U},{P}",
                     help="G,U,P: generated, unconditional-negative and positive samples per row (default SPEC §9)")
     ap.add_argument("--out-dir", default=None, help="directory of the JSON result (default benchmarks/results)")
+    ap.add_argument("--precompile", default=None, metavar="DTYPES",
+                    help="compile the Triton launch candidates for these dtypes (e.g. fp32,bf16) and exit")
+    ap.add_argument("--jobs", type=int, default=8, help="processes for --precompile")
     args = ap.parse_args(argv)
+
+    try:
+        gup = tuple(int(v) for v in args.gup.split(","))
+    except ValueError:
+        gup = ()
+    if len(gup) != 3 or gup[0] < 1 or gup[1] < 0 or gup[2] < 1:
+        ap.error(f"--gup must be G,U,P with G >= 1, U >= 0, P >= 1, got {args.gup!r}")
+    if args.precompile:
+        names = [n for n in args.precompile.split(",") if n]
+        if not names or any(n not in DTYPES for n in names):
+            ap.error(f"--precompile takes dtypes from {sorted(DTYPES)}, got {args.precompile!r}")
+        if not backends.has_triton():
+            ap.error("--precompile needs triton")
+        # Without CUDA only the Triton interpreter can run the kernels (a smoke test of this path).
+        pre_device = "cuda" if torch.cuda.is_available() else "cpu"
+        if pre_device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            ap.error("--precompile needs CUDA (or TRITON_INTERPRET=1 for a dry run on CPU)")
+        return precompile(names, max(1, args.jobs), gup, pre_device)
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -105,56 +220,104 @@ def main(argv=None) -> int:
     if device == "cpu":
         H.fixed_malloc_env()  # RSS-based memory measurement (see benchmarks/_harness.py)
     torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     in_bytes = torch.finfo(dtype).bits // 8
     grid = QUICK_GRID if args.quick else (GPU_GRID if device == "cuda" else CPU_GRID)
     if args.grid:
-        grid = [tuple(int(v) for v in item.split("x")) for item in args.grid.split(",")]
-    try:
-        gup = tuple(int(v) for v in args.gup.split(","))
-    except ValueError:
-        gup = ()
-    if len(gup) != 3 or gup[0] < 1 or gup[1] < 0 or gup[2] < 1:
-        ap.error(f"--gup must be G,U,P with G >= 1, U >= 0, P >= 1, got {args.gup!r}")
+        grid = _parse_grid(args.grid)
+    elif device == "cuda" and not args.quick:
+        rest = sorted((s for s in grid if s not in GPU_FIRST), key=lambda s: -s[0] * s[1])
+        grid = [s for s in GPU_FIRST if s in grid] + rest
+    compile_grid = set(_parse_grid(args.compile_grid)) if args.compile_grid else None
     reps = args.reps or (3 if args.quick else (20 if device == "cuda" else 10))
-    provs = providers_for(device, args.providers)
+    factories = provider_factories(device, args.providers)
 
-    rows = []
-    for B, S in grid:
+    print(f"drifting field  device={H.device_name(device)}  threads={torch.get_num_threads()}  dtype={args.dtype}  "
+          f"G={gup[0]} U={gup[1]} P={gup[2]} R={TEMPS}  shapes={len(grid)}", flush=True)
+    t_start = time.perf_counter()
+    rows, autotune = [], []
+    for i, (B, S) in enumerate(grid):
+        over_budget = args.time_budget_s is not None and time.perf_counter() - t_start > args.time_budget_s
+        if over_budget:
+            note = f"skipped (time budget {args.time_budget_s:g} s)"
+            rows.extend({"B": B, "S": S, "provider": name, "note": note} for name in factories)
+            print(f"[{i + 1}/{len(grid)}] B={B} S={S}: skipped (time budget)", flush=True)
+            continue
         inputs = make_inputs(B, S, device, dtype, gup=gup)
         flops, byts = model(B, S, in_bytes, gup)
         ref_time = ref_mem = None
-        for name, fn in provs.items():
-            call = lambda: fn(*inputs)  # noqa: E731
+        done = []
+        for name, factory in factories.items():
+            row = {"B": B, "S": S, "provider": name}
+            skip = None
+            if name == "reference+compile" and compile_grid is not None and (B, S) not in compile_grid:
+                skip = "skipped (not in --compile-grid)"
+            if name.startswith("reference") and device == "cuda":
+                need, free = reference_peak_estimate(B, S, in_bytes, gup), torch.cuda.mem_get_info()[0]
+                if need > free:
+                    skip = f"skipped (needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free)"
+            if skip:
+                rows.append({**row, "note": skip})
+                done.append(f"{name} {skip}")
+                continue
+            n_log = len(_tuning_log())
             try:
+                fn = factory()
+                call = lambda: fn(*inputs)  # noqa: E731
+                t0 = time.perf_counter()
+                call()  # compile / autotune / warm up outside the timed runs
+                _sync(device)
+                first_s = time.perf_counter() - t0
                 med, p20, p80 = H.time_fn(call, device, warmup=1 if args.quick else 3, reps=reps)
                 mem = H.peak_extra_bytes(call, device)
             except torch.OutOfMemoryError:
-                rows.append({"B": B, "S": S, "provider": name, "error": "OOM"})
+                rows.append({**row, "error": "OOM", "note": "OOM"})
+                done.append(f"{name} OOM")
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 continue
             if name == "reference":
                 ref_time, ref_mem = med, mem
-            row = {"B": B, "S": S, "provider": name, "median_ms": med * 1e3, "p20_ms": p20 * 1e3,
-                   "p80_ms": p80 * 1e3, "tflops": flops / med / 1e12, "gbps": byts / med / 1e9,
-                   "peak_mib": mem / 2**20,
-                   "speedup": (ref_time / med) if ref_time else None,
-                   "mem_frac": (mem / ref_mem) if ref_mem else None}
+            row.update({"median_ms": med * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3,
+                        "tflops": flops / med / 1e12, "gbps": byts / med / 1e9, "peak_mib": mem / 2**20,
+                        "speedup": (ref_time / med) if ref_time else None,
+                        "mem_frac": (mem / ref_mem) if ref_mem else None, "first_call_s": first_s})
             if device == "cuda":
                 row["h100_floor_ms"] = triton_design_floor(B, S, in_bytes, gup) * 1e3
+            new = _tuning_log()[n_log:]
+            if name == "triton" and new:
+                row["tuned"] = {e["kernel"]: e["best"] for e in new}
+                autotune.extend({"B": B, "S": S, "dtype": args.dtype, **e} for e in new)
             rows.append(row)
+            x = f" x{row['speedup']:.2f}" if row["speedup"] else ""
+            done.append(f"{name} {med * 1e3:.3f} ms{x} (first call {first_s:.1f} s)")
+            if row.get("tuned"):
+                done.append("tuned " + " ".join(f"{k}={v}" for k, v in row["tuned"].items()))
+        print(f"[{i + 1}/{len(grid)}] B={B} S={S}: " + " | ".join(done), flush=True)
         del inputs
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
+    order = {name: k for k, name in enumerate(PROVIDER_ORDER)}
+    rows.sort(key=lambda r: (r["B"], r["S"], order.get(r["provider"], 99)))
     cols = [("B", "B", 6, "d"), ("S", "S", 5, "d"), ("provider", "provider", 18, "s"),
             ("median_ms", "median ms", 10, ".3f"), ("p20_ms", "p20 ms", 9, ".3f"), ("p80_ms", "p80 ms", 9, ".3f"),
             ("tflops", "TFLOP/s", 8, ".3f"), ("gbps", "GB/s", 8, ".2f"), ("peak_mib", "peak MiB", 9, ".2f"),
-            ("speedup", "x ref", 7, ".2f"), ("mem_frac", "mem/ref", 8, ".3f"), ("error", "note", 5, "s")]
+            ("speedup", "x ref", 7, ".2f"), ("mem_frac", "mem/ref", 8, ".3f"), ("first_call_s", "1st s", 6, ".1f"),
+            ("note", "note", 5, "s")]
     print(f"drifting field  device={H.device_name(device)}  threads={torch.get_num_threads()}  dtype={args.dtype}  "
           f"G={gup[0]} U={gup[1]} P={gup[2]} R={TEMPS}")
     print(H.format_table(rows, cols))
-    path = H.write_json("field", device, {"dtype": args.dtype, "G": gup[0], "U": gup[1], "P": gup[2], "temperatures": TEMPS,
-                                          "quantiles": H.QUANTILES, "rows": rows}, args.out_dir)
+    if autotune:
+        print("Triton autotuning (winner; best / slowest candidate ms; failed candidates):")
+        for e in autotune:
+            times = e["times_ms"]
+            print(f"  B={e['B']:<5d} S={e['S']:<5d} {e['kernel']:5s} {e['best']:18s} {min(times.values()):8.3f} / "
+                  f"{max(times.values()):8.3f}  ({len(times)} timed, {len(e['errors'])} failed)")
+    path = H.write_json("field", device, {"dtype": args.dtype, "G": gup[0], "U": gup[1], "P": gup[2],
+                                          "temperatures": TEMPS, "quantiles": H.QUANTILES, "rows": rows,
+                                          "autotune": autotune,
+                                          "wall_s": time.perf_counter() - t_start}, args.out_dir)
     print(f"wrote {path}")
     return 0
 
