@@ -148,15 +148,17 @@ class PixelMultiscaleFeatures(FeatureExtractor):
     `map_features` (prefix ``px{p}``) give per-patch vectors, their mean/std, and 2x2 / 4x4 pooled means/stds
     over the patch grid. A stand-in for an encoder's multi-scale maps when no pretrained encoder exists."""
 
-    def __init__(self, patch_sizes: Sequence[int] = (2, 4, 7, 14), pool_sizes: Sequence[int] = PATCH_SIZES):
+    def __init__(self, patch_sizes: Sequence[int] = (2, 4, 7, 14), pool_sizes: Sequence[int] = PATCH_SIZES,
+                 with_base: bool = True):
         super().__init__()
         if not patch_sizes or any(int(p) < 1 for p in patch_sizes):
             raise ValueError(f"patch_sizes must be positive integers, got {patch_sizes}")
         self.patch_sizes = tuple(int(p) for p in patch_sizes)
         self.pool_sizes = tuple(int(p) for p in pool_sizes)
+        self.with_base = bool(with_base)  # False: only the px* keys (beside an encoder that gives global/norm_x)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = base_features(x)
+        out = base_features(x) if self.with_base else {}
         h, w = x.shape[-2:]
         for p in self.patch_sizes:
             if h % p or w % p:

@@ -225,3 +225,27 @@ def test_builder_accepts_generic_trainer_options(tmp_path):
                                  convnext_depths=TINY_CNX["depths"], convnext_dims=TINY_CNX["dims"])
     assert torch.equal(ex.parts[1].model.embeddings.patch_embeddings.weight, cnx.embeddings.patch_embeddings.weight)
     assert torch.equal(ex.parts[0].encoder.stem[0].weight, mae.encoder.stem[0].weight)
+
+
+def test_mae_plus_pixel_multiscale_is_the_union_of_both_key_sets(tmp_path):
+    # The demo's MAE variant: every MAE key unchanged, plus the encoder-free px* keys, and global/norm_x once.
+    torch.manual_seed(3)
+    cfg = MAEConfig(in_channels=1, patch_size=1, width=4, layers=(1, 1, 1, 1), num_classes=10)
+    model = MAEResNet(cfg)
+    path = tmp_path / "mae.pt"
+    torch.save({"ema": model.state_dict(), "config": cfg.to_dict()}, path)
+    x = torch.randn(3, 1, 28, 28)
+    combo = build_feature_extractor("mae+pixel-multiscale", weights=str(path))
+    mae = build_extractor("mae", weights=str(path))(x)
+    px = build_feature_extractor("pixel-multiscale")(x)
+    got = combo(x)
+    assert set(got) == set(mae) | set(px)
+    assert sum(k.startswith("px") for k in got) == sum(k.startswith("px") for k in px) > 0
+    for k, v in mae.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    for k, v in px.items():
+        if k.startswith("px"):
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    assert all(not p.requires_grad for p in combo.parameters())
+    with pytest.raises(WeightsError, match="does not exist|not found|No such"):
+        build_feature_extractor("mae+pixel-multiscale", weights=str(tmp_path / "missing.pt"))

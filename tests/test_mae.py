@@ -220,6 +220,8 @@ def test_drift_mae_errors(tmp_path, tiny_shards, capsys):
     assert main(["--out", out]) == 2
     assert "--data is required" in capsys.readouterr().err
     assert main(_mae_args(tiny_shards, out, "--cls-ft-steps", "9")) == 2
+    assert main(_mae_args(tiny_shards, out, "--threads", "-1")) == 2
+    assert "--threads must be >= 0" in capsys.readouterr().err
     assert main(_mae_args(str(tmp_path / "missing"), out)) == 2
 
 

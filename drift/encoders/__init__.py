@@ -8,6 +8,8 @@ Extractor names (`EXTRACTOR_NAMES`) and their options:
 * ``"convnext"``     ConvNeXt-V2 keys only (pixel inputs in [-1, 1]).
 * ``"mae-pixel+convnext"``  both encoders' keys (the paper's final pixel models); the ConvNeXt file is
   ``convnext_weights=PATH``, or both files in one option: ``weights="MAE_PATH+CONVNEXT_PATH"``.
+* ``"mae+pixel-multiscale"``  MAE-ResNet keys (architecture from the file) plus the encoder-free ``px*`` keys
+  of ``pixel-multiscale`` (small images: the demo's MAE variant).
 * ``"resnet18"``, ``"resnet50"``  torchvision ResNets (``global``, ``norm_x`` and the 4 stage maps).
 
 Common options: ``weights=PATH`` (a local file; None = random init, for tests and demos only),
@@ -26,7 +28,8 @@ import torch
 from drift.encoders.mae_resnet import MAE_PRESETS, MAEConfig, MAEFeatures, MAEResNet, MAEResNetEncoder
 from drift.encoders.weights import WeightsError, load_into, read_weights
 
-EXTRACTOR_NAMES = ("mae-latent", "mae-pixel", "mae", "convnext", "mae-pixel+convnext", "resnet18", "resnet50")
+EXTRACTOR_NAMES = ("mae-latent", "mae-pixel", "mae", "convnext", "mae-pixel+convnext", "mae+pixel-multiscale",
+                   "resnet18", "resnet50")
 
 
 def _mae_config(preset: Optional[str], file_cfg: Optional[dict], path, **kw) -> MAEConfig:
@@ -93,6 +96,11 @@ def build_extractor(name: str, *, weights=None, vae=None, device=None, convnext_
         preset = {"mae-latent": "latent", "mae-pixel": "pixel", "mae": None}[name]
         enc = build_mae_encoder(weights, preset=preset, device=device, **kw)
         ex = MAEFeatures(enc, input_space="latent" if name == "mae-latent" else None)
+        return _maybe_vae(ex, vae, device).freeze()
+    if name == "mae+pixel-multiscale":
+        from drift.features import CombinedFeatures, PixelMultiscaleFeatures
+        enc = build_mae_encoder(weights, preset=None, device=device, **kw)
+        ex = CombinedFeatures([MAEFeatures(enc), PixelMultiscaleFeatures(with_base=False)])
         return _maybe_vae(ex, vae, device).freeze()
     if name == "convnext":
         from drift.encoders.convnext import build_convnext_features
