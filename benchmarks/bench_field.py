@@ -12,8 +12,9 @@ S in {64, 256, 640, 4096}; CPU grid is reduced but includes the CPU target B=64,
 Per provider: median and p20/p80 time, TFLOP/s and GB/s from the counted model below, peak extra memory,
 speedup vs the eager reference, and the wall time of the first call (torch.compile's compile time; the
 Triton kernels' compile + autotuning). Each shape prints a progress line as it finishes; the table at the
-end and benchmarks/results/field-<device>-<utc>.json hold everything, including the launch configuration
-the Triton autotuner picked per kernel and shape, with every candidate's time ("autotune" in the JSON).
+end and benchmarks/results/field-<device>-<utc>.json hold everything, including the route (recompute, stored
+or split: kernels/drifting_field.py) and launch configuration the Triton autotuner picked per kernel and shape,
+with every candidate's time ("autotune" in the JSON; each Triton row has "route" and "tuned").
 
 Cells are skipped, with the reason in the "note" column, rather than failing the run: the eager
 reference where its estimated peak memory exceeds the free device memory, torch.compile outside
@@ -41,9 +42,10 @@ from drift.field import drifting_field, drifting_field_reference  # noqa: E402
 G, U, P = 64, 16, 64
 TEMPS = (0.02, 0.05, 0.2)
 GPU_GRID = [(8 * L, S) for L in (1, 64, 256, 1024) for S in (64, 256, 640, 4096)]
-# Shapes measured before (benchmarks/RESULTS.md) run first, so a run cut short still compares with them; then
-# the largest, so that a time budget drops the small, launch-bound ones.
-GPU_FIRST = [(512, 256), (2048, 640), (8192, 64)]
+# Shapes measured before (benchmarks/RESULTS.md) run first, so a run cut short still compares with them (two of
+# the few-row ones too, where host overhead and the split route matter); then the largest, so that a time
+# budget drops the small, launch-bound ones.
+GPU_FIRST = [(512, 256), (2048, 640), (8192, 64), (8, 640), (8, 4096)]
 CPU_GRID = [(8, 64), (8, 256), (64, 64), (64, 256), (64, 640)]
 QUICK_GRID = [(8, 64)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -63,18 +65,27 @@ def model(B: int, S: int, in_bytes: int, gup=(G, U, P)):
 
 
 def triton_design_floor(B: int, S: int, in_bytes: int, gup=(G, U, P)) -> float:
-    """Predicted H100 time floor of the Triton kernels as designed (seconds): the targets are streamed
-    once in pass 1, once (Gram route) or 1 + nR times (streaming route, S below ~M) in pass 2 and twice in
-    pass 3, and each streamed chunk costs 3xTF32 GEMMs; the Gram route adds its target-target blocks."""
+    """Predicted H100 time floor of the Triton kernels as designed (seconds), the better of two routes, each
+    streamed chunk costing 3xTF32 GEMMs. Recompute: the targets are streamed once in pass 1, once (Gram) or
+    1 + nR times (streaming, S below ~M) in pass 2 and twice in pass 3. Stored (where a row's Gram matrix K,
+    KN = G*M + U^2 + U*P + P^2 floats, fits in its G*S outputs): pass 1 streams them once and writes K, pass 2
+    reads K and does ~nR*G*KN multiply-adds, pass 3 reads K and streams them once (the split variant for few
+    rows does the same work in more programs). A floor at full occupancy: few rows cannot reach it."""
     G, U, P = gup
     M = G + U + P
     nR = len(TEMPS)
+    kn = G * M + U * U + U * P + P * P
     stream2 = (1 + nR) * G * M * S
-    gram2 = (G * M + U * U + U * P + P * P) * S + nR * G * M * M
+    gram2 = kn * S + nR * G * M * M
     macs = B * (G * M * S * 3 + min(stream2, gram2))  # pass 1 + pass 3 (two sweeps) + pass 2
     reads = 3 + (1 if gram2 < stream2 else 1 + nR)
     byts = B * M * S * in_bytes * reads + B * G * S * 4
-    return max(byts / H100_BW, 2 * macs / H100_TF32X3)
+    floor = max(byts / H100_BW, 2 * macs / H100_TF32X3)
+    if kn <= G * S:
+        macs = B * (kn * S + nR * G * kn + G * M * S)
+        byts = B * (M * S * in_bytes * 2 + kn * 4 * 3 + G * S * 4)
+        floor = min(floor, max(byts / H100_BW, 2 * macs / H100_TF32X3))
+    return floor
 
 
 def reference_peak_estimate(B: int, S: int, in_bytes: int, gup=(G, U, P)) -> int:
@@ -133,6 +144,24 @@ def _tuning_log():
         return []
     from kernels import drifting_field as kdf
     return kdf.tuning_log()
+
+
+def _route(inputs):
+    """The route the Triton backend runs for these inputs (after a first call), or None."""
+    from kernels import drifting_field as kdf
+    return kdf.route_of(*inputs)
+
+
+def tuned_summary(new_entries):
+    """{"route": ..., "scale": label, "sumsq": label, "force": label (, "reduce": label)} from the tuning-log
+    entries of one cell: the route decision when there was one, and the kernels of the winning route (every
+    offered route's kernels are tuned when the route is decided)."""
+    route = next((e["best"] for e in new_entries if e["kernel"] == "route"), None)
+    out = {"route": route} if route else {}
+    for e in new_entries:
+        if e["kernel"] != "route" and (route is None or e.get("route") == route):
+            out[e["kernel"]] = e["best"]
+    return out
 
 
 def _sync(device: str) -> None:
@@ -285,14 +314,17 @@ def main(argv=None) -> int:
             if device == "cuda":
                 row["h100_floor_ms"] = triton_design_floor(B, S, in_bytes, gup) * 1e3
             new = _tuning_log()[n_log:]
-            if name == "triton" and new:
-                row["tuned"] = {e["kernel"]: e["best"] for e in new}
-                autotune.extend({"B": B, "S": S, "dtype": args.dtype, **e} for e in new)
+            if name == "triton":
+                row["route"] = _route(inputs)
+                if new:
+                    row["tuned"] = tuned_summary(new)
+                    autotune.extend({"B": B, "S": S, "dtype": args.dtype, **e} for e in new)
             rows.append(row)
             x = f" x{row['speedup']:.2f}" if row["speedup"] else ""
             done.append(f"{name} {med * 1e3:.3f} ms{x} (first call {first_s:.1f} s)")
-            if row.get("tuned"):
-                done.append("tuned " + " ".join(f"{k}={v}" for k, v in row["tuned"].items()))
+            if name == "triton":
+                tuned = {k: v for k, v in (row.get("tuned") or {}).items() if k != "route"}
+                done.append(f"route={row['route']}" + "".join(f" {k}={v}" for k, v in tuned.items()))
         print(f"[{i + 1}/{len(grid)}] B={B} S={S}: " + " | ".join(done), flush=True)
         del inputs
         if device == "cuda":
@@ -304,16 +336,17 @@ def main(argv=None) -> int:
             ("median_ms", "median ms", 10, ".3f"), ("p20_ms", "p20 ms", 9, ".3f"), ("p80_ms", "p80 ms", 9, ".3f"),
             ("tflops", "TFLOP/s", 8, ".3f"), ("gbps", "GB/s", 8, ".2f"), ("peak_mib", "peak MiB", 9, ".2f"),
             ("speedup", "x ref", 7, ".2f"), ("mem_frac", "mem/ref", 8, ".3f"), ("first_call_s", "1st s", 6, ".1f"),
-            ("note", "note", 5, "s")]
+            ("route", "route", 9, "s"), ("note", "note", 5, "s")]
     print(f"drifting field  device={H.device_name(device)}  threads={torch.get_num_threads()}  dtype={args.dtype}  "
           f"G={gup[0]} U={gup[1]} P={gup[2]} R={TEMPS}")
     print(H.format_table(rows, cols))
     if autotune:
-        print("Triton autotuning (winner; best / slowest candidate ms; failed candidates):")
+        print("Triton autotuning (winner; best / slowest candidate ms; failed candidates; a route entry sums "
+              "each route's best kernel times):")
         for e in autotune:
-            times = e["times_ms"]
-            print(f"  B={e['B']:<5d} S={e['S']:<5d} {e['kernel']:5s} {e['best']:18s} {min(times.values()):8.3f} / "
-                  f"{max(times.values()):8.3f}  ({len(times)} timed, {len(e['errors'])} failed)")
+            times = [t for t in e["times_ms"].values() if t == t] or [float("nan")]
+            print(f"  B={e['B']:<5d} S={e['S']:<5d} {e['kernel']:5s} {e['best']:25s} {min(times):8.3f} / "
+                  f"{max(times):8.3f}  ({len(times)} timed, {len(e['errors'])} failed)")
     path = H.write_json("field", device, {"dtype": args.dtype, "G": gup[0], "U": gup[1], "P": gup[2],
                                           "temperatures": TEMPS, "quantiles": H.QUANTILES, "rows": rows,
                                           "autotune": autotune,

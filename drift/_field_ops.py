@@ -1,19 +1,28 @@
 """Python side of the fused drifting-field backends: the three-pass driver and the C++ ops' registration.
 
-Both fused backends ("cpp" from drift._C, "triton" from kernels/) expose the same three ops
-(SPEC §3.3), each a pass over the B rows that reads the inputs in place:
+Both fused backends ("cpp" from drift._C, "triton" from kernels/) expose three ops (SPEC §3.3), each a
+pass over the B rows that reads the inputs in place. The C++ ops:
 
-    scale_sums(gen, pos, neg, neg_weight) -> [2] fp64        [sum dist*tw, G*sum tw]   (step 3)
-    sumsq(..., scale, temperatures, normalization) -> [nR] fp64  sum of force_R^2 per R  (step 7)
-    force(..., scale, rms, temperatures, normalization) -> (force [*batch, G, S], loss [*batch])
+    scale_sums(gen, pos, neg, neg_weight) -> ([2] fp64 [sum dist*tw, G*sum tw], dot)            (step 3)
+    sumsq(..., dot, scale, temperatures, normalization) -> [nR] fp64  sum of force_R^2 per R    (step 7)
+    force(..., dot, scale, rms, temperatures, normalization) -> (force [*batch, G, S], loss [*batch])
 
-The C++ ops also pass pass 1's Gram block X T^T ([B, G, M]) on to passes 2 and 3 (`carries_dot`):
-on CPU the GEMMs dominate and memory is plentiful; the Triton kernels recompute it on chip instead.
+hand pass 1's Gram block X T^T ([B, G, M]) on to passes 2 and 3 (`carries_dot`): on CPU the GEMMs dominate
+and memory is plentiful. The Triton ops (`fused_stats`) keep the scalar work on the device instead, so a
+small call is not bound by host-side tensor ops:
+
+    scale_sums(gen, pos, neg, neg_weight) -> ([2] fp64, buf [*batch, G, S])
+    sumsq(..., buf, sums, temperatures, normalization) -> [nR + 1] fp64 (per-R sums of squares, count B*G*S)
+    force(..., buf, sums, stats, temperatures, normalization) -> (loss, [scale, scale_inputs, force_rms...])
+
+where the kernels form scale, scale_inputs and the RMS from the global fp64 sums themselves (the same fp64
+quotients, rounded once) and pass 3 writes the force into buf (which may carry pass 1's state until then).
 
 Importing this module registers the C++ ops' fake kernels (when drift._C is built), so a first call
-inside torch.compile finds them. `three_pass` strings the passes together and all-reduces the two global sums over `process_group` between
-passes, exactly where the reference does, so every rank uses the global scale and RMS. Nothing in it
-syncs with the host, so it traces into one graph under torch.compile (the ops have fake kernels).
+inside torch.compile finds them. `three_pass` strings the passes together and all-reduces the two global
+sums over `process_group` between passes, exactly where the reference does, so every rank uses the global
+scale and RMS. Nothing in it syncs with the host, so it traces into one graph under torch.compile (the ops
+have fake kernels).
 """
 from __future__ import annotations
 
@@ -36,6 +45,10 @@ class FieldOps(NamedTuple):
     carries_dot: bool = False  # scale_sums returns (sums, dot) and the other two take dot after neg_weight
 
 
+def _detached(t):
+    return t.detach() if t is not None and t.requires_grad else t
+
+
 def _same_dtype(gen, pos, neg):
     """Inputs in one dtype for the kernels: kept as they are when they agree, else the compute dtype."""
     dts = {t.dtype for t in (gen, pos, neg) if t is not None}
@@ -49,10 +62,17 @@ def three_pass(ops: FieldOps, gen: torch.Tensor, pos: torch.Tensor, neg: Optiona
                neg_weight: Optional[torch.Tensor], temperatures: Sequence[float], normalization: str,
                process_group=None) -> DriftField:
     """The drifting field through a fused backend's three passes (inputs already validated)."""
-    gen, pos, neg = _same_dtype(gen.detach(), pos.detach(), neg.detach() if neg is not None else None)
-    if neg_weight is not None:
-        neg_weight = neg_weight.detach()
+    gen, pos, neg, neg_weight = (_detached(t) for t in (gen, pos, neg, neg_weight))
+    gen, pos, neg = _same_dtype(gen, pos, neg)
     temps = [float(r) for r in temperatures]
+    if getattr(ops, "fused_stats", False):
+        # The global sums are all-reduced in fp64 before the kernels divide and round them, as below.
+        sums, buf = ops.scale_sums(gen, pos, neg, neg_weight)
+        sums = _all_reduce_sum(sums, process_group)
+        stats = ops.sumsq(gen, pos, neg, neg_weight, buf, sums, temps, normalization)
+        stats = _all_reduce_sum(stats, process_group)
+        loss, scalars = ops.force(gen, pos, neg, neg_weight, buf, sums, stats, temps, normalization)
+        return DriftField(force=buf, scale=scalars[0], scale_inputs=scalars[1], loss=loss, force_rms=scalars[2:])
     G, S = gen.shape[-2], gen.shape[-1]
     rows = math.prod(gen.shape[:-2])
 

@@ -9,10 +9,18 @@ holds for the 3xTF32 GEMMs because every S chunk is translated by the row's firs
 products, so their ~2^-20 relative error applies to centred coordinates, while the fp32 reference forms
 |x|^2 + |t|^2 - 2 x.t on raw ones; test_field_triton_gpu_distance_precision is the hard case for it.
 
+The stored route (pass 1 keeps each row's target Gram matrix K in the row's force output, passes 2 and 3
+read it back) is held to the same rule: its distances come from the same centred dot products, and its
+||c T||^2 = sum c K c^T is guarded per row (kernels.drifting_field.GRAM_RTOL); the degenerate case below
+shows the guard is needed for that rule and that it fires.
+
 GPU tests run the first launch candidate (the untuned default) unless they request the `autotuned` fixture,
-because tuning compiles every candidate for every new shape key.
+because tuning compiles every candidate for every new shape key. With tuning off the stored route runs
+wherever K fits (S >= 228 at the SPEC row shape), split over column blocks where the rows are fewer than the
+SMs and the columns hold >= 2 copies of K, the recompute route elsewhere.
 """
 import os
+import types
 
 import pytest
 import torch
@@ -53,6 +61,43 @@ def _forced(kdf, bs, gram):
     """The same S chunk for all three passes, and pass 2 by the Gram or the streaming route."""
     return kdf.forced_configs(scale=kdf.Config(bs, 8, 1), sumsq=kdf.Config(bs, 8, 1, gram),
                               force=kdf.Config(bs, 8, 1))
+
+
+def _forced_stored(kdf, bs):
+    """All three passes on the stored route with S chunk bs."""
+    cfg = kdf.Config(bs, 8, 1, False, True)
+    return kdf.forced_configs(scale=cfg, sumsq=cfg, force=cfg)
+
+
+def _forced_route(kdf, route, G, U, P, S):
+    """A route ("recompute", "stored", "split") with its untuned default configurations, forced: the GPU tests
+    then share compiled kernels with the untuned runs (and the benchmark's precompile at the SPEC row shape)."""
+    stored, split = route != "recompute", route == "split"
+    cfg = {k: kdf.candidates(k, G, U, P, S, stored=stored, split=split)[0] for k in ("scale", "sumsq", "force")}
+    if split:
+        cfg["reduce"] = kdf.candidates("reduce", G, U, P, S)[0]
+    return kdf.forced_configs(**cfg)
+
+
+def degenerate_inputs(B=1, S=32, ratio=300.0, seed=0):
+    """One generated sample x with its positives at x + v and x - v + e and its negatives at x + u and
+    x - u + e' (|v| = |u| = ratio, e, e' ~ N(0, 1)): the attractions and repulsions nearly cancel, so
+    ||force|| is ~ratio times smaller than the targets' spread around x. A Gram estimate of ||force||^2 then
+    loses ~ratio^2 of its relative precision, while the streaming sum (and the reference) lose ~ratio. At
+    ratio 300 the unguarded stored route misses the 2x rule (loss ~20x over its bound, force ~2x) and the
+    guarded one meets it (<= 0.65 of the bound); by ratio ~3000 even streaming misses it on the loss, since
+    passes 2 and 3 form the force in different orders while the reference normalizes the very force it has."""
+    g = torch.Generator().manual_seed(seed)
+
+    def unit():
+        v = torch.randn(B, 1, S, generator=g)
+        return v / v.norm(dim=-1, keepdim=True)
+
+    x = torch.randn(B, 1, S, generator=g)
+    v, u = unit() * ratio, unit() * ratio
+    pos = torch.cat([x + v, x - v + torch.randn(B, 1, S, generator=g)], 1)
+    neg = torch.cat([x + u, x - u + torch.randn(B, 1, S, generator=g)], 1)
+    return x, pos, neg, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,6 +158,140 @@ def test_field_triton_interp_routes_and_chunks(kdf, bs, gram):
         check_backend("triton", gen + 300.0, pos + 300.0, neg + 300.0, w)
 
 
+# The stored route needs K (G*M + U^2 + U*P + P^2 floats) to fit in a row's G*S outputs, so its cases pick S
+# accordingly; otherwise the same edge cases as above: several chunks with a ragged last one (S=37, 53),
+# padded blocks (G=17 -> 32, U=1 -> 16, P=16), no negatives with the scale floors active, weights (random,
+# ones, zero), the other normalizations, ties and a large common offset.
+_STORED_CASES = [
+    ((2, 5, 4, 3, 37, 1.0, "random"), {}),
+    ((1, 17, 16, 1, 53, 1.0, "ones"), {}),
+    ((2, 6, 5, 0, 20, 1e-5, None), {}),
+    ((2, 6, 5, 2, 20, 1.0, "random"), {"normalization": "y"}),
+    ((2, 6, 5, 2, 20, 1.0, "zero"), {"normalization": "none", "temperatures": (0.1,)}),
+]
+
+
+@pytest.mark.interp
+@needs_interp
+@pytest.mark.parametrize("bs", [16, 32])
+def test_field_triton_interp_stored_route(kdf, bs):
+    with _forced_stored(kdf, bs):
+        for (B, G, P, U, S, scale, weights), opts in _STORED_CASES:
+            assert kdf.stored_fits(G, U, P, S)
+            res = check_backend("triton", *case_inputs(B, G, P, U, S, scale, weights, seed=B + G + S), **opts)
+            assert res.force.shape == (B, G, S) and res.force.is_contiguous()
+        check_backend("triton", *tie_inputs(B=1, G=4, P=3, U=2, S=16), floor=TIE_FLOOR)
+        gen, pos, neg, w = case_inputs(1, 4, 3, 2, 16, 1.0, "random", seed=9)
+        check_backend("triton", gen + 300.0, pos + 300.0, neg + 300.0, w)
+        # A non-contiguous feature axis (strided views of [N, n, C, H, W] maps) and two batch dims.
+        gen, pos, neg, w = strided_inputs(N=1, G=3, P=2, U=2, C=20, H=1, W=2)
+        check_backend("triton", gen, pos, neg, w)
+
+
+def _forced_split(kdf, bs, J):
+    """All passes on the split stored route, J column blocks per row (S must give >= J blocks of 128)."""
+    part, force = kdf.Config(bs, 8, 1, False, True, True), kdf.Config(bs, 8, 1, False, True, True)
+    return kdf.forced_configs(scale=part, sumsq=kdf.Config(bs, 8, 1, False, True), force=force, split=J)
+
+
+@pytest.mark.interp
+@needs_interp
+@pytest.mark.parametrize("J", [2, 3])
+def test_field_triton_interp_split_route(kdf, J):
+    # The split stored route: J column blocks per row (128 columns each, the last one wider), partial Gram
+    # matrices summed per row, pass 3 per block from the block's own copy of K; with a ragged last chunk, no
+    # negatives, weights, the other normalizations and a large offset. Its distances and sums are those of
+    # the stored route up to the order of the S sums (blocks), so the same rule holds.
+    S = 128 * J + 45
+    with _forced_split(kdf, 16, J):
+        for (B, G, P, U, _, scale, weights), opts in [((2, 5, 4, 3, 0, 1.0, "random"), {}),
+                                                      ((1, 6, 5, 0, 0, 1e-5, None), {"normalization": "y"}),
+                                                      ((2, 3, 2, 2, 0, 1.0, "zero"), {"normalization": "none"})]:
+            res = check_backend("triton", *case_inputs(B, G, P, U, S, scale, weights, seed=B + G + J), **opts)
+            assert res.loss.shape == (B,)
+        gen, pos, neg, w = case_inputs(1, 4, 3, 2, S, 1.0, "random", seed=9)
+        check_backend("triton", gen + 300.0, pos + 300.0, neg + 300.0, w)
+    with pytest.raises(ValueError, match="do not split"):
+        with _forced_split(kdf, 16, 2):
+            drifting_field(*case_inputs(1, 4, 3, 2, 200, 1.0, "random"), backend="triton")
+
+
+@pytest.mark.interp
+@needs_interp
+def test_field_triton_interp_stored_guard(kdf, monkeypatch):
+    # Where ||force|| << the targets' spread the Gram estimate of pass 2 is not good enough for the 2x rule
+    # (the check fails with the guard off), and the guard streams those rows instead (the check passes; its
+    # sums of squares equal those of always streaming, bit for bit).
+    gen, pos, neg, w = degenerate_inputs()
+    with _forced_stored(kdf, 16):
+        guarded = check_backend("triton", gen, pos, neg, w)
+        monkeypatch.setattr(kdf, "GRAM_RTOL", 0.0)  # always stream
+        streamed = drifting_field(gen, pos, neg, w, backend="triton")
+        monkeypatch.setattr(kdf, "GRAM_RTOL", 1e30)  # never stream
+        with pytest.raises(AssertionError):
+            check_backend("triton", gen, pos, neg, w)
+    assert torch.equal(guarded.force_rms, streamed.force_rms)
+    # Ordinary inputs stay on the Gram estimate (the guard leaves them alone): same bits as never streaming.
+    gen, pos, neg, w = case_inputs(2, 5, 4, 3, 37, 1.0, "random", seed=3)
+    with _forced_stored(kdf, 16):
+        never = drifting_field(gen, pos, neg, w, backend="triton")
+        monkeypatch.setattr(kdf, "GRAM_RTOL", 2.0 ** -14)
+        default = drifting_field(gen, pos, neg, w, backend="triton")
+    assert torch.equal(never.force_rms, default.force_rms)
+
+
+@pytest.mark.interp
+@needs_interp
+def test_field_triton_interp_stored_fp64_and_compile(kdf):
+    # fp64 on the stored route (K in fp64, exact dots): as tight as the recompute route's fp64 check above.
+    gen, pos, neg, w = case_inputs(2, 4, 3, 2, 16, 1.0, "random", dtype=torch.float64, seed=3)
+    with _forced_stored(kdf, 16):
+        res = drifting_field(gen, pos, neg, w, backend="triton")
+    gold = golden(gen, pos, neg, w)
+    assert res.force.dtype == torch.float64
+    torch.testing.assert_close(res.force, gold["force"], rtol=0, atol=1e-8)
+    torch.testing.assert_close(res.scale, gold["scale"].reshape(()), rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.force_rms, gold["force_rms"], rtol=1e-9, atol=0)
+
+    # torch.compile traces pass 3's in-place write into pass 1's buffer (a mutating custom op).
+    gen, pos, neg, w = case_inputs(1, 4, 3, 2, 16, 1.0, "random", seed=12)
+
+    def f(g, p, n, nw):
+        r = drifting_field(g, p, n, nw, backend="triton", check_finite=False)
+        return r.force, r.loss, r.scale, r.force_rms
+
+    with _forced_stored(kdf, 16):
+        eager = f(gen, pos, neg, w)
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(gen, pos, neg, w)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.interp
+@needs_interp
+def test_field_triton_interp_default_route_and_plan_cache(kdf, monkeypatch):
+    # Untuned, the stored route runs where K fits and the recompute route elsewhere; a repeated call reuses
+    # the launch plan (no shape work, no candidate lists) and gives the same bits.
+    fits = case_inputs(2, 5, 4, 3, 37, 1.0, "random", seed=4)
+    small = case_inputs(2, 5, 4, 3, 9, 1.0, "random", seed=5)
+    first = check_backend("triton", *fits)
+    check_backend("triton", *small)
+    routes = {key[3]: route for key, route in kdf._ROUTES.items()}  # key[3] is S
+    assert routes == {37: 1, 9: 0}  # stored, recompute (no SM count under the interpreter: no split)
+    n_plans = len(kdf._PLANS)
+
+    def boom(*a, **k):
+        raise AssertionError("a repeated call redid per-shape work")
+
+    monkeypatch.setattr(kdf, "_make_plan", boom)
+    monkeypatch.setattr(kdf, "candidates", boom)
+    again = drifting_field(*fits, backend="triton")
+    assert len(kdf._PLANS) == n_plans
+    for k in ("force", "loss", "scale", "scale_inputs", "force_rms"):
+        assert torch.equal(getattr(first, k), getattr(again, k)), k
+
+
 def _split_kernel():
     import triton
     import triton.language as tl
@@ -154,9 +333,17 @@ def test_field_triton_interp_split_is_exact():
 def test_field_triton_interp_warm_compile(kdf):
     # The benchmark's parallel precompile path: every (kernel, candidate) of compile_tasks launches on one row.
     tasks = kdf.compile_tasks(5, 3, 4, S_values=(20, 4096))
-    assert {k for k, _ in tasks} == {"scale", "sumsq", "force"} and any(c.GRAM for _, c in tasks)
-    for kernel, cfg in tasks[:3] + [t for t in tasks if t[1].GRAM][:1]:
-        assert kdf.warm_compile(kernel, cfg, torch.float32, 5, 3, 4, S=20, device="cpu") == "ok"
+    assert {k for k, _ in tasks} == {"scale", "sumsq", "force", "reduce"} and any(c.GRAM for _, c in tasks)
+    stored = [t for t in tasks if t[1].STORED and not t[1].SPLIT]
+    split = [t for t in tasks if t[1].SPLIT]
+    assert {k for k, _ in stored} == {"scale", "sumsq", "force"}  # S = 4096 (and 20) fit K at (5, 3, 4)
+    # S = 4096 splits; its pass 2 and 3 are the stored route's compiled kernels (J, W are run-time arguments).
+    assert {k for k, _ in split} == {"scale", "reduce"}
+    picks = tasks[:3] + [t for t in tasks if t[1].GRAM][:1] + stored[:1] + stored[-1:]
+    picks += [next(t for t in split if t[0] == k) for k in ("scale", "reduce")]
+    picks += [("force", kdf.candidates("force", 5, 3, 4, 4096, stored=True, split=True)[0])]
+    for kernel, cfg in picks:
+        assert kdf.warm_compile(kernel, cfg, torch.float32, 5, 3, 4, S=20, device="cpu") == "ok", (kernel, cfg)
 
 
 @pytest.mark.interp
@@ -239,6 +426,107 @@ def test_field_triton_tuner_logic(kdf, monkeypatch):
         kdf._tuned_launch("sumsq", ("k",), cands[2:3], launch)
 
 
+def test_field_triton_stored_route_memory_rule(kdf, monkeypatch):
+    # The stored route keeps K in the force output, so it is offered exactly where K fits there: no memory
+    # beyond the output on either route. At the SPEC row shape K has 64*144 + 16*16 + 16*64 + 64*64 = 14592
+    # floats, i.e. S >= 228; the SPEC grid's S = 64 stays on the recompute route (a separate [B, 14592]
+    # scratch there would be ~0.14x of the reference's peak on its own, over the 0.1x target).
+    assert kdf.gram_floats(64, 16, 64) == 14592
+    assert not kdf.stored_fits(64, 16, 64, 227) and kdf.stored_fits(64, 16, 64, 228)
+    assert [kdf.stored_fits(64, 16, 64, S) for S in (64, 256, 640, 4096)] == [False, True, True, True]
+    assert kdf.stored_fits(64, 0, 64, 192) and not kdf.stored_fits(64, 0, 64, 191)  # no negatives: 12288
+    for S in (256, 640, 4096):  # where it fits it needs fewer multiply-adds (the untuned choice)
+        macs = kdf.route_macs(64, 16, 64, S)
+        assert macs["stored"] < 0.75 * macs["recompute"], (S, macs)
+    stored = kdf.candidates("force", 64, 16, 64, 640, stored=True)
+    assert stored and all(c.STORED and not c.GRAM and c.label().endswith("/stored") for c in stored)
+    assert not any(c.STORED for k in ("scale", "sumsq", "force") for c in kdf.candidates(k, 64, 16, 64, 640))
+    monkeypatch.setattr(kdf, "STORED_ROUTE", False)  # DRIFT_TRITON_STORED=0
+    assert not kdf.stored_fits(64, 16, 64, 4096)
+
+
+def test_field_triton_split_blocks(kdf):
+    # The split stored route's column blocks: widths multiples of 128 that hold K (>= 228 columns at the SPEC
+    # row shape, so >= 256), about one program per SM for B rows, the last block between W and 2W wide.
+    assert kdf.split_blocks(64, 16, 64, 4096, 8, 132) == (16, 256)
+    assert kdf.split_blocks(64, 16, 64, 640, 8, 132) == (2, 256)  # blocks of 256 and 384 columns
+    assert kdf.split_blocks(64, 16, 64, 4096, 64, 132) == (3, 1280)
+    assert kdf.split_blocks(64, 16, 64, 4096, 24, 132) == (6, 640)
+    for B, S in ((8, 256), (8, 511), (132, 4096), (4096, 4096), (8, 64)):  # too narrow, enough rows, no fit
+        assert kdf.split_blocks(64, 16, 64, S, B, 132) == (1, S), (B, S)
+    assert kdf.split_blocks(64, 16, 64, 4096, 8, 0) == (1, 4096)  # no SM count (CPU): only when asked for
+    assert kdf.split_blocks(5, 3, 4, 400, 2, 0, J=3) == (3, 128)
+    for G, U, P, S, B in ((64, 16, 64, 4096, 1), (13, 7, 29, 641, 37), (64, 0, 64, 1000, 3)):
+        J, W = kdf.split_blocks(G, U, P, S, B, 132)
+        last = S - (J - 1) * W
+        assert W % 128 == 0 and G * W >= kdf.gram_floats(G, U, P) and W <= last < 2 * W, (G, U, P, S, J, W)
+        assert all(W % c.BS == 0 for k in ("scale", "force") for c in kdf.candidates(k, G, U, P, S, stored=True,
+                                                                                       split=True))
+    with pytest.raises(ValueError, match="not a multiple of BS"):  # a chunk would cross into the next block
+        kdf._check_blocks(384, kdf.Config(256, 8, 1, False, True, True))
+
+
+def _plan_stub(key, stored_ok=True, split=(1, 640)):
+    return types.SimpleNamespace(key=key, stored_ok=stored_ok, split=split)
+
+
+def test_field_triton_route_choice_logic(kdf, monkeypatch):
+    # The route decision with fake measurements: the fastest offered route wins and is logged with every
+    # route's time; a route whose passes have no configuration that runs loses; a shape where K does not fit
+    # only has the recompute route (nothing measured); tuning off takes the last offered route (split, else
+    # stored, else recompute).
+    measured = []
+    fake_ms = {0: 3.0, 1: 2.0, 2: 2.5}
+
+    def measure(p, args, buf, part, route):
+        measured.append(route)
+        if fake_ms[route] is None:
+            raise RuntimeError("no launch configuration of sumsq ran")
+        return fake_ms[route]
+
+    monkeypatch.setattr(kdf, "_measure_route", measure)
+    monkeypatch.setattr(kdf, "AUTOTUNE", True)
+    kdf._choose_route(_plan_stub(("a",), split=(2, 256)), None, None, None)
+    assert kdf._ROUTES[("a",)] == 1 and measured == [0, 1, 2]
+    (entry,) = kdf.tuning_log()
+    assert entry["kernel"] == "route" and entry["best"] == "stored"
+    assert entry["times_ms"] == {"recompute": 3.0, "stored": 2.0, "split": 2.5}
+    fake_ms.update({1: None, 0: 5.0})
+    measured.clear()
+    kdf._choose_route(_plan_stub(("b",)), None, None, None)  # no split offered
+    assert kdf._ROUTES[("b",)] == 0 and measured == [0, 1] and "stored" in kdf.tuning_log()[-1]["errors"]
+    measured.clear()
+    kdf._choose_route(_plan_stub(("c",), stored_ok=False), None, None, None)
+    assert kdf._ROUTES[("c",)] == 0 and measured == []
+    monkeypatch.setattr(kdf, "AUTOTUNE", False)
+    kdf._choose_route(_plan_stub(("d",), split=(2, 256)), None, None, None)
+    kdf._choose_route(_plan_stub(("e",)), None, None, None)
+    assert kdf._ROUTES[("d",)] == 2 and kdf._ROUTES[("e",)] == 1 and measured == []
+
+
+def test_field_triton_stored_pass_falls_back(kdf):
+    # A stored pass 2/3 without a configuration that compiles runs its recompute kernel instead (which does
+    # not read the buffer); the choice is kept for the plan. A forced stored config after a recompute pass 1
+    # is refused: it would read a buffer that holds no K.
+    tried, launched = [], []
+
+    def run(route):
+        tried.append(route)
+        if route != 0:
+            raise RuntimeError("no launch configuration of force ran")
+        return kdf.Config(64, 8, 2)
+
+    plan = types.SimpleNamespace(cfg={})
+    assert kdf._pass23(plan, "force", (0, 3), run, launched.append, 1) == kdf.Config(64, 8, 2)
+    assert tried == [1, 0] and plan.cfg == {("force", 0, 3, 1): kdf.Config(64, 8, 2)} and launched == []
+    tried.clear()
+    kdf._pass23(plan, "force", (0, 3), run, launched.append, 1)
+    assert tried == [] and launched == [kdf.Config(64, 8, 2)]
+    with pytest.raises(ValueError, match="did not run the stored route"):
+        with kdf.forced_configs(force=kdf.Config(64, 8, 2, False, True)):
+            kdf._pass23(types.SimpleNamespace(cfg={}), "force", (0, 3), run, launched.append, 0)
+
+
 def triton_next_pow2(n):
     import triton
     return triton.next_power_of_2(n)
@@ -308,20 +596,125 @@ def test_field_triton_gpu_every_candidate_matches_golden(kdf):
 
 
 @pytest.mark.gpu
-def test_field_triton_gpu_autotuned_matches_golden(autotuned):
+@pytest.mark.parametrize("rows,S", [("many", 64), ("many", 256), ("few", 640)])
+def test_field_triton_gpu_autotuned_matches_golden(autotuned, rows, S):
+    # S = 64: K does not fit the output, the recompute route only (no route decision). S = 256 with more rows
+    # than SMs: the recompute and stored routes are tuned whole and timed, then the faster one runs; with 8
+    # rows at S = 640 the split stored route is a third contender.
     kdf = autotuned
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    B = n_sm + 4  # more rows than SMs: the tuning bucket of real batches
-    gen, pos, neg, w = case_inputs(B, 64, 64, 16, 256, 1.0, "random", seed=22)
+    B = n_sm + 4 if rows == "many" else 8  # more rows than SMs: the tuning bucket of real batches
+    gen, pos, neg, w = case_inputs(B, 64, 64, 16, S, 1.0, "random", seed=22)
     res = _check_on_gpu(gen, pos, neg, w)
     log = kdf.tuning_log()
-    assert sorted(e["kernel"] for e in log) == ["force", "scale", "sumsq"], log
+    routes = [e for e in log if e["kernel"] == "route"]
+    if S == 64:
+        assert not routes and sorted(e["kernel"] for e in log) == ["force", "scale", "sumsq"], log
+    else:
+        (route,) = routes
+        names = {"recompute", "stored"} | ({"split"} if rows == "few" else set())
+        assert set(route["times_ms"]) == names, route
+        kernels = [e for e in log if e["kernel"] != "route"]  # the route entry names the winner in its "route"
+        assert sorted(e["kernel"] for e in kernels if e["route"] == "stored") == ["force", "scale", "sumsq"], log
+        if rows == "few":
+            split = sorted(e["kernel"] for e in kernels if e["route"] == "split")
+            assert split == ["force", "reduce", "scale", "sumsq"], log
+        print(f"route {route['best']}: {route['times_ms']}")
     for e in log:
         assert e["best"] in e["times_ms"] and all(t > 0 for t in e["times_ms"].values()), e
     # The choice is cached: a second call does not tune again and gives the same bits.
     again = drifting_field(*_cuda(gen, pos, neg, w), backend="triton")
     assert len(kdf.tuning_log()) == len(log)
     assert torch.equal(again.force.cpu(), res.force)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,G,P,U,S,offset", [(64, 64, 64, 16, 640, 0.0), (37, 13, 29, 7, 641, 0.0),
+                                              (8, 64, 64, 16, 4096, 30.0)])
+def test_field_triton_gpu_stored_route_matches_golden(kdf, B, G, P, U, S, offset):
+    # The stored route at the SPEC row shape, on a ragged one (padded blocks, ragged last chunk) and, with a
+    # large common offset at S = 4096, the hard case for distances from a Gram matrix (K_gg + K_mm - 2 K_gm,
+    # of translated chunks: the same dot products as the recompute route's).
+    assert kdf.stored_fits(G, U, P, S)
+    gen, pos, neg, w = case_inputs(B, G, P, U, S, 1.0, "random", seed=S)
+    with _forced_route(kdf, "stored", G, U, P, S):
+        _check_on_gpu(gen + offset, pos + offset, neg + offset, w)
+
+
+@pytest.mark.gpu
+def test_field_triton_gpu_every_stored_candidate_matches_golden(kdf):
+    # Every stored-route candidate at S = 640 (K fits from S = 228), paired up as above.
+    gen, pos, neg, w = case_inputs(16, 64, 64, 16, 640, 1.0, "random", seed=23)
+    cands = {k: kdf.candidates(k, 64, 16, 64, 640, stored=True) for k in ("scale", "sumsq", "force")}
+    n = max(len(c) for c in cands.values())
+    ran, skipped = 0, []
+    for i in range(n):
+        cfg = {k: c[i % len(c)] for k, c in cands.items()}
+        try:
+            with kdf.forced_configs(**cfg):
+                _check_on_gpu(gen, pos, neg, w)
+            ran += 1
+        except _out_of_resources() as e:  # the tuner drops these too
+            skipped.append(({k: c.label() for k, c in cfg.items()}, _short(e)))
+    print(f"{ran} stored pairings ran; did not fit: {skipped}")
+    assert ran >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,G,P,U,S,offset", [(8, 64, 64, 16, 4096, 0.0), (8, 64, 64, 16, 640, 30.0),
+                                              (5, 13, 29, 7, 641, 0.0)])
+def test_field_triton_gpu_split_route_matches_golden(kdf, B, G, P, U, S, offset):
+    # The split stored route with the blocks the rows get on this GPU (one program per SM: 16 blocks at
+    # S = 4096, 2 at 640 and 641), at the SPEC row shape (with a large offset) and a ragged one.
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    J, W = kdf.split_blocks(G, U, P, S, B, n_sm)
+    assert J >= 2, (J, W)
+    gen, pos, neg, w = case_inputs(B, G, P, U, S, 1.0, "random", seed=S + 1)
+    with _forced_route(kdf, "split", G, U, P, S):
+        _check_on_gpu(gen + offset, pos + offset, neg + offset, w)
+
+
+@pytest.mark.gpu
+def test_field_triton_gpu_every_split_candidate_matches_golden(kdf):
+    # Every split-route candidate (pass 1 per block, reduction, pass 3 per block) at 8 rows, S = 4096.
+    gen, pos, neg, w = case_inputs(8, 64, 64, 16, 4096, 1.0, "random", seed=24)
+    cands = {k: kdf.candidates(k, 64, 16, 64, 4096, stored=True, split=True) for k in ("scale", "force", "reduce")}
+    n = max(len(c) for c in cands.values())
+    ran, skipped = 0, []
+    for i in range(n):
+        cfg = {k: c[i % len(c)] for k, c in cands.items()}
+        try:
+            with kdf.forced_configs(sumsq=kdf.Config(32, 8, 1, False, True), **cfg):
+                _check_on_gpu(gen, pos, neg, w)
+            ran += 1
+        except _out_of_resources() as e:  # the tuner drops these too
+            skipped.append(({k: c.label() for k, c in cfg.items()}, _short(e)))
+    print(f"{ran} split pairings ran; did not fit: {skipped}")
+    assert ran >= 1
+
+
+@pytest.mark.gpu
+def test_field_triton_gpu_stored_guard(kdf, monkeypatch):
+    # The degenerate case of the interpreter test with 3xTF32 products. Here the 2x rule is out of reach for
+    # any route (3xTF32's ~2^-20 per product times the ~300x cancellation exceeds 2x the fp32 reference's
+    # error), so the test checks the mechanism: the guard streams every temperature (same bits as always
+    # streaming), and its loss (the observable most sensitive to the RMS: the force is normalized by it) is
+    # >= 5x closer to fp64 than with the unguarded Gram estimate, whose error grows with the square of the
+    # cancellation, the streamed one's linearly (the interpreter shows ~40x).
+    gen, pos, neg, w = degenerate_inputs()
+    gold = golden(gen, pos, neg, w)
+
+    def run(rtol):
+        monkeypatch.setattr(kdf, "GRAM_RTOL", rtol)
+        return _cpu_result(drifting_field(*_cuda(gen, pos, neg, w), backend="triton"))
+
+    with _forced_route(kdf, "stored", 1, 2, 2, 32):
+        guarded, streamed, never = run(2.0 ** -14), run(0.0), run(1e30)
+    assert torch.equal(guarded.force_rms, streamed.force_rms) and torch.equal(guarded.force, streamed.force)
+    err_guarded = max_abs_err(guarded.loss, gold["loss"])
+    err_never = max_abs_err(never.loss, gold["loss"])
+    print(f"loss error: guarded {err_guarded:.3e}, unguarded {err_never:.3e}")
+    assert not err_never <= 5 * err_guarded  # (a NaN from a negative unguarded estimate passes too)
 
 
 @pytest.mark.gpu
