@@ -33,7 +33,7 @@ test: build
 demo: build
 	$(PY) -m drift.demo --data $(DATA) --out outputs/demo $(DEMO_ARGS)
 
-# The 2-D toy of the paper's Figs. 3-4 (about a minute).
+# The 2-D toy of the paper's Figs. 3-4 (about two minutes on 2 cores).
 demo-toy: build
 	$(VENV)/bin/drift-toy --out outputs/toy $(TOY_ARGS)
 
