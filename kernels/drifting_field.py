@@ -523,6 +523,21 @@ def _gram_spread(c_g, c_n, c_p, k_gg, q_n, q_p, BG: tl.constexpr):
 
 
 @triton.jit
+def _force_chunk(c_g, c_n, c_p, f_zero, gen_row, neg_row, pos_row, sg_n, sg_s, sn_n, sn_s, sp_n, sp_s,
+                 offs_g, offs_u, offs_p, offs_s, G, U, P, S, HAS_NEG: tl.constexpr, ACC: tl.constexpr,
+                 PREC: tl.constexpr):
+    """[BG, BS] chunk of c T = c_g X + c_n N + c_p Y at columns offs_s, the blocks shifted like every chunk."""
+    x0 = _origin(gen_row, sg_s, offs_s, S, ACC)
+    x = _block(gen_row, sg_n, sg_s, G, offs_g, offs_s, S, x0, ACC)
+    y = _block(pos_row, sp_n, sp_s, P, offs_p, offs_s, S, x0, ACC)
+    f = _mma(c_g, x, f_zero, PREC) + _mma(c_p, y, f_zero, PREC)
+    if HAS_NEG:
+        n = _block(neg_row, sn_n, sn_s, U, offs_u, offs_s, S, x0, ACC)
+        f += _mma(c_n, n, f_zero, PREC)
+    return f
+
+
+@triton.jit
 def _stream_sumsq(c_g, c_n, c_p, f_zero, gen_row, neg_row, pos_row, sg_n, sg_s, sn_n, sn_s, sp_n, sp_s,
                   G, U, P, S, HAS_NEG: tl.constexpr, ACC: tl.constexpr, BG: tl.constexpr, BU: tl.constexpr,
                   BP: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
@@ -533,13 +548,8 @@ def _stream_sumsq(c_g, c_n, c_p, f_zero, gen_row, neg_row, pos_row, sg_n, sg_s, 
     ss = tl.zeros((BG,), dtype=ACC)
     for s0 in range(0, S, BS):
         offs_s = s0 + tl.arange(0, BS)
-        x0 = _origin(gen_row, sg_s, offs_s, S, ACC)
-        x = _block(gen_row, sg_n, sg_s, G, offs_g, offs_s, S, x0, ACC)
-        y = _block(pos_row, sp_n, sp_s, P, offs_p, offs_s, S, x0, ACC)
-        f = _mma(c_g, x, f_zero, PREC) + _mma(c_p, y, f_zero, PREC)
-        if HAS_NEG:
-            n = _block(neg_row, sn_n, sn_s, U, offs_u, offs_s, S, x0, ACC)
-            f += _mma(c_n, n, f_zero, PREC)
+        f = _force_chunk(c_g, c_n, c_p, f_zero, gen_row, neg_row, pos_row, sg_n, sg_s, sn_n, sn_s, sp_n, sp_s,
+                         offs_g, offs_u, offs_p, offs_s, G, U, P, S, HAS_NEG, ACC, PREC)
         ss += tl.sum(f * f, axis=1)
     return tl.sum(ss, axis=0)
 
@@ -764,13 +774,8 @@ def _field_force_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, buf_ptr, sums_ptr, sta
     ss = tl.zeros((BG,), dtype=ACC)
     for s0 in range(c0, c1, BS):
         offs_s = s0 + tl.arange(0, BS)
-        x0 = _origin(gen_row, sg_s, offs_s, S, ACC)
-        x = _block(gen_row, sg_n, sg_s, G, offs_g, offs_s, S, x0, ACC)
-        y = _block(pos_row, sp_n, sp_s, P, offs_p, offs_s, S, x0, ACC)
-        f = _mma(t_g, x, f_zero, PREC) + _mma(t_p, y, f_zero, PREC)
-        if HAS_NEG:
-            n = _block(neg_row, sn_n, sn_s, U, offs_u, offs_s, S, x0, ACC)
-            f += _mma(t_n, n, f_zero, PREC)
+        f = _force_chunk(t_g, t_n, t_p, f_zero, gen_row, neg_row, pos_row, sg_n, sg_s, sn_n, sn_s, sp_n, sp_s,
+                         offs_g, offs_u, offs_p, offs_s, G, U, P, S, HAS_NEG, ACC, PREC)
         ss += tl.sum(f * f, axis=1)
         tl.store(out_row + offs_g[:, None] * S + offs_s[None, :], f,
                  mask=(offs_g[:, None] < G) & (offs_s[None, :] < S))

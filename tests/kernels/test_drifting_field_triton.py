@@ -579,8 +579,14 @@ def _out_of_resources():
 def test_field_triton_gpu_every_candidate_matches_golden(kdf):
     # The tuner may pick any candidate, so each one must be right at the SPEC row shape. S = 256 is where
     # both routes of pass 2 are candidates; the passes are paired up so each candidate compiles once.
-    gen, pos, neg, w = case_inputs(16, 64, 64, 16, 256, 1.0, "random", seed=21)
-    cands = {k: kdf.candidates(k, 64, 16, 64, 256) for k in ("scale", "sumsq", "force")}
+    _check_candidate_pairings(kdf, S=256, seed=21)
+
+
+def _check_candidate_pairings(kdf, S, seed, **route):
+    """Run every launch candidate of the three passes at the SPEC row shape against the golden, paired up so
+    each candidate compiles once; candidates that do not fit are skipped, as the tuner drops them."""
+    gen, pos, neg, w = case_inputs(16, 64, 64, 16, S, 1.0, "random", seed=seed)
+    cands = {k: kdf.candidates(k, 64, 16, 64, S, **route) for k in ("scale", "sumsq", "force")}
     n = max(len(c) for c in cands.values())
     ran, skipped = 0, []
     for i in range(n):
@@ -589,9 +595,9 @@ def test_field_triton_gpu_every_candidate_matches_golden(kdf):
             with kdf.forced_configs(**cfg):
                 _check_on_gpu(gen, pos, neg, w)
             ran += 1
-        except _out_of_resources() as e:  # the tuner drops these too
+        except _out_of_resources() as e:
             skipped.append(({k: c.label() for k, c in cfg.items()}, _short(e)))
-    print(f"{ran} pairings ran; did not fit: {skipped}")
+    print(f"{ran} pairings ran {route}; did not fit: {skipped}")
     assert ran >= 1
 
 
@@ -644,20 +650,7 @@ def test_field_triton_gpu_stored_route_matches_golden(kdf, B, G, P, U, S, offset
 @pytest.mark.gpu
 def test_field_triton_gpu_every_stored_candidate_matches_golden(kdf):
     # Every stored-route candidate at S = 640 (K fits from S = 228), paired up as above.
-    gen, pos, neg, w = case_inputs(16, 64, 64, 16, 640, 1.0, "random", seed=23)
-    cands = {k: kdf.candidates(k, 64, 16, 64, 640, stored=True) for k in ("scale", "sumsq", "force")}
-    n = max(len(c) for c in cands.values())
-    ran, skipped = 0, []
-    for i in range(n):
-        cfg = {k: c[i % len(c)] for k, c in cands.items()}
-        try:
-            with kdf.forced_configs(**cfg):
-                _check_on_gpu(gen, pos, neg, w)
-            ran += 1
-        except _out_of_resources() as e:  # the tuner drops these too
-            skipped.append(({k: c.label() for k, c in cfg.items()}, _short(e)))
-    print(f"{ran} stored pairings ran; did not fit: {skipped}")
-    assert ran >= 1
+    _check_candidate_pairings(kdf, S=640, seed=23, stored=True)
 
 
 @pytest.mark.gpu
