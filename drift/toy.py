@@ -36,10 +36,10 @@ import argparse
 import json
 import math
 import os
+import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional
-import multiprocessing as mp
 
 import torch
 import torch.nn as nn
@@ -136,19 +136,26 @@ def field_energy(info: dict) -> float:
 
 
 @torch.no_grad()
-def mean_energy(gen_model: nn.Module, target: str, rows: int, per_row: int, temperatures, backend: str = "auto",
-                n_batches: int = 8, seed: int = 99) -> float:
+def _batch_energy(draw_gen, target: str, rows: int, per_row: int, temperatures, backend: str, n_batches: int,
+                  seed: int) -> float:
+    """Field energy averaged over n_batches fresh batches; draw_gen(n, generator) gives the generated side."""
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(n_batches):
-        x = gen_model(torch.randn(rows * per_row, gen_model.noise_dim, generator=g)).view(rows, per_row, 2)
+        x = draw_gen(rows * per_row, g).view(rows, per_row, 2)
         y = sample_target(target, rows * per_row, g).view(rows, per_row, 2)
         _, info = drifting_loss(x, y, temperatures=temperatures, backend=backend, check_finite=False)
         total += field_energy(info)
     return total / n_batches
 
 
-@torch.no_grad()
+def mean_energy(gen_model: nn.Module, target: str, rows: int, per_row: int, temperatures, backend: str = "auto",
+                n_batches: int = 8, seed: int = 99) -> float:
+    """The generator's field energy, averaged over n_batches fresh batches."""
+    return _batch_energy(lambda n, g: gen_model(torch.randn(n, gen_model.noise_dim, generator=g)), target, rows,
+                         per_row, temperatures, backend, n_batches, seed)
+
+
 def noise_floor_energy(target: str, rows: int, per_row: int, temperatures, backend: str = "auto",
                        n_batches: int = 8, seed: int = 98) -> float:
     """The field energy when the generated samples ARE target samples (q = p), measured like `mean_energy`.
@@ -156,19 +163,18 @@ def noise_floor_energy(target: str, rows: int, per_row: int, temperatures, backe
     V_{p,p} = 0 in expectation, but every problem sees only `per_row` samples of each side, so the field of
     one batch is sampling noise of this size: the lowest energy a generator can reach at this batch shape.
     """
-    g = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for _ in range(n_batches):
-        x = sample_target(target, rows * per_row, g).view(rows, per_row, 2)
-        y = sample_target(target, rows * per_row, g).view(rows, per_row, 2)
-        _, info = drifting_loss(x, y, temperatures=temperatures, backend=backend, check_finite=False)
-        total += field_energy(info)
-    return total / n_batches
+    return _batch_energy(lambda n, g: sample_target(target, n, g), target, rows, per_row, temperatures, backend,
+                         n_batches, seed)
 
 
 # The checkerboard's eight cells touch at their corners and need a sharp map from noise to the plane; the
 # generator keeps carving them out long after the bimodal target has converged.
 DEFAULT_STEPS = {"bimodal": 800, "checkerboard": 3000}
+
+
+def steps_for(target: str, steps: Optional[int] = None) -> int:
+    """`steps`, or the target's default when None."""
+    return DEFAULT_STEPS.get(target, 800) if steps is None else steps
 
 
 def train_toy(target: str, init: str, *, steps: Optional[int] = None, rows: int = 4, per_row: int = 128,
@@ -181,8 +187,7 @@ def train_toy(target: str, init: str, *, steps: Optional[int] = None, rows: int 
     steps: Adam steps (None: DEFAULT_STEPS of the target). lr_decay_frac: the last fraction of the steps decays
     the learning rate linearly to 0 (0 = constant). beta2: Adam's second-moment decay.
     """
-    if steps is None:
-        steps = DEFAULT_STEPS.get(target, 800)
+    steps = steps_for(target, steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 <= lr_decay_frac <= 1.0:
@@ -365,7 +370,7 @@ def main(argv=None) -> int:
     jobs = [dict(target=t, init=i, steps=args.steps, rows=args.rows, per_row=args.per_row, lr=args.lr,
                  lr_decay_frac=args.lr_decay_frac, hidden=args.hidden, seed=args.seed, backend=args.backend,
                  temperatures=temperatures) for t in targets for i in inits]
-    order = sorted(range(len(jobs)), key=lambda k: -(args.steps or DEFAULT_STEPS.get(jobs[k]["target"], 800)))
+    order = sorted(range(len(jobs)), key=lambda k: -steps_for(jobs[k]["target"], args.steps))
 
     def report(res: dict) -> None:
         cov = res["coverage"]
