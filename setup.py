@@ -38,7 +38,10 @@ setup(
     name="drift",
     version="0.1.0",
     description="Drifting Models (arXiv 2602.04770) in PyTorch: fused drifting field, DALI data, DDP trainer",
-    packages=find_packages(include=["drift", "drift.*", "kernels", "kernels.*", "data_prep", "data_prep.*"]),
+    # The top-level kernels/ folder is installed as drift.kernels: a top-level package named `kernels` would
+    # collide with an unrelated PyPI project of that name.
+    packages=find_packages(include=["drift", "drift.*", "data_prep", "data_prep.*"]) + ["drift.kernels"],
+    package_dir={"drift.kernels": "kernels"},
     python_requires=">=3.10",
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

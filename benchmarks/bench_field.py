@@ -7,13 +7,14 @@
     python benchmarks/bench_field.py --precompile fp32,bf16 --jobs 12   # compile the Triton launch candidates
                                                                         # in parallel processes, then exit
 
-Shapes (SPEC §9): B = 8 classes x L locations, G=64, U=16, P=64; GPU grid L in {1, 64, 256, 1024} x
-S in {64, 256, 640, 4096}; CPU grid is reduced but includes the CPU target B=64, S=256.
+Shapes (the performance targets' per-GPU shapes of the ablation config): B = 8 classes x L locations, G=64,
+U=16, P=64; GPU grid L in {1, 64, 256, 1024} x S in {64, 256, 640, 4096}; CPU grid is reduced but includes the
+CPU target B=64, S=256.
 Per provider: median and p20/p80 time, TFLOP/s and GB/s from the counted model below, peak extra memory,
 speedup vs the eager reference, and the wall time of the first call (torch.compile's compile time; the
 Triton kernels' compile + autotuning). Each shape prints a progress line as it finishes; the table at the
 end and benchmarks/results/field-<device>-<utc>.json hold everything, including the route (recompute, stored
-or split: kernels/drifting_field.py) and launch configuration the Triton autotuner picked per kernel and shape,
+or split: docs/field_kernels.md) and launch configuration the Triton autotuner picked per kernel and shape,
 with every candidate's time ("autotune" in the JSON; each Triton row has "route" and "tuned").
 
 Cells are skipped, with the reason in the "note" column, rather than failing the run: the eager
@@ -36,11 +37,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import _harness as H  # noqa: E402
-from drift import backends  # noqa: E402
-from drift.field import drifting_field, drifting_field_reference  # noqa: E402
+from drift.field import R_LIST_DEFAULT, dispatch, drifting_field, drifting_field_reference  # noqa: E402
 
 G, U, P = 64, 16, 64
-TEMPS = (0.02, 0.05, 0.2)
+TEMPS = R_LIST_DEFAULT
 GPU_GRID = [(8 * L, S) for L in (1, 64, 256, 1024) for S in (64, 256, 640, 4096)]
 # Shapes measured before (benchmarks/RESULTS.md) run first, so a run cut short still compares with them (two of
 # the few-row ones too, where host overhead and the split route matter); then the largest, so that a time
@@ -126,10 +126,10 @@ def provider_factories(device: str, wanted):
             torch._dynamo.reset()
             return torch.compile(_reference, dynamic=False)
         out["reference+compile"] = compiled
-    if device == "cpu" and backends.has_cpp():
+    if device == "cpu" and dispatch.has_cpp():
         out["cpp"] = lambda: (lambda g, p, n, w: drifting_field(g, p, n, w, temperatures=TEMPS, backend="cpp",
                                                                 check_finite=False).force)
-    if device == "cuda" and backends.has_triton():
+    if device == "cuda" and dispatch.has_triton():
         out["triton"] = lambda: (lambda g, p, n, w: drifting_field(g, p, n, w, temperatures=TEMPS, backend="triton",
                                                                    check_finite=False).force)
     return {k: v for k, v in out.items() if wanted is None or k in wanted}
@@ -140,16 +140,16 @@ def _parse_grid(text: str):
 
 
 def _tuning_log():
-    if not backends.has_triton():
+    if not dispatch.has_triton():
         return []
-    from kernels import drifting_field as kdf
-    return kdf.tuning_log()
+    from drift.kernels import field_tuning
+    return field_tuning.tuning_log()
 
 
 def _route(inputs):
     """The route the Triton backend runs for these inputs (after a first call), or None."""
-    from kernels import drifting_field as kdf
-    return kdf.route_of(*inputs)
+    from drift.kernels import field_launch
+    return field_launch.route_of(*inputs)
 
 
 def tuned_summary(new_entries):
@@ -175,10 +175,12 @@ def precompile(dtype_names, jobs: int, gup=(G, U, P), device: str = "cuda") -> i
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    from kernels import drifting_field as kdf
+    from benchmarks import _field_warm
+    from drift.kernels.field_tuning import Config
 
     S_values = sorted({S for _, S in GPU_GRID})
-    tasks = [(name, k, tuple(c)) for name in dtype_names for k, c in kdf.compile_tasks(*gup, S_values=S_values)]
+    tasks = [(name, k, tuple(c)) for name in dtype_names
+             for k, c in _field_warm.compile_tasks(*gup, S_values=S_values)]
     t0 = time.perf_counter()
     print(f"precompiling {len(tasks)} kernels ({', '.join(dtype_names)}) in {jobs} processes", flush=True)
     failed = 0
@@ -191,16 +193,17 @@ def precompile(dtype_names, jobs: int, gup=(G, U, P), device: str = "cuda") -> i
             except Exception as e:  # noqa: BLE001  (a crashed worker: report it, the tuner compiles later)
                 status, secs = f"{type(e).__name__}: {e}", 0.0
             failed += status != "ok"
-            print(f"  {name} {kernel:5s} {kdf.Config(*cfg).label():18s} {secs:5.1f} s  {status}", flush=True)
+            print(f"  {name} {kernel:5s} {Config(*cfg).label():18s} {secs:5.1f} s  {status}", flush=True)
     print(f"precompile done in {time.perf_counter() - t0:.1f} s ({failed} did not compile or fit)", flush=True)
     return 0
 
 
 def _precompile_one(task, gup, device):
     name, kernel, cfg = task
-    from kernels import drifting_field as kdf
+    from benchmarks import _field_warm
+    from drift.kernels.field_tuning import Config
     t0 = time.perf_counter()
-    status = kdf.warm_compile(kernel, kdf.Config(*cfg), DTYPES[name], *gup, device=device)
+    status = _field_warm.warm_compile(kernel, Config(*cfg), DTYPES[name], *gup, device=device)
     return status, time.perf_counter() - t0
 
 
@@ -218,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="skip the remaining cells once this much wall time is spent (they get a note)")
     ap.add_argument("--gup", default=f"{G},{U},{P}",
-                    help="G,U,P: generated, unconditional-negative and positive samples per row (default SPEC §9)")
+                    help="G,U,P: generated, unconditional-negative and positive samples per row (default: the "
+                         "ablation config's 64,16,64)")
     ap.add_argument("--out-dir", default=None, help="directory of the JSON result (default benchmarks/results)")
     ap.add_argument("--precompile", default=None, metavar="DTYPES",
                     help="compile the Triton launch candidates for these dtypes (e.g. fp32,bf16) and exit")
@@ -235,7 +239,7 @@ def main(argv=None) -> int:
         names = [n for n in args.precompile.split(",") if n]
         if not names or any(n not in DTYPES for n in names):
             ap.error(f"--precompile takes dtypes from {sorted(DTYPES)}, got {args.precompile!r}")
-        if not backends.has_triton():
+        if not dispatch.has_triton():
             ap.error("--precompile needs triton")
         # Without CUDA only the Triton interpreter can run the kernels (a smoke test of this path).
         pre_device = "cuda" if torch.cuda.is_available() else "cpu"

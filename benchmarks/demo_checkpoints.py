@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         except ValueError:
             ap.error(f"--steps must be comma-separated integers, got {args.steps!r}")
 
-    from drift.metrics import DemoEvaluator
+    from drift.demo_metrics import DemoEvaluator
     torch.set_num_threads(args.threads)
     ev = DemoEvaluator(args.data, args.cache or os.path.join(args.run, "cache"), num_eval=args.num_eval,
                        classifier_epochs=args.classifier_epochs)

@@ -1,5 +1,6 @@
-// Fused drifting field for CPU tensors: three ops, one per pass of SPEC §3.3, orchestrated from Python
-// (drift/_field_ops.py) so the two global reductions can be all-reduced across ranks between passes.
+// Fused drifting field for CPU tensors: three ops, one per pass (scale sums, sums of squares, force),
+// orchestrated from Python (drift/field/three_pass.py, drift/field/cpp_driver.py) so the two global
+// reductions can be all-reduced across ranks between passes.
 //
 //   drift::field_scale_sums(gen, pos, neg?, neg_weight?) -> ([2] fp64, dot [B, G, M])
 //       [sum_{b,i,m} dist * tw,  G * sum_{b,m} tw]                       (step 3; scale = ratio)
@@ -46,7 +47,7 @@
 namespace drift {
 namespace {
 
-// The official constants (see drift/field.py).
+// The official constants (see drift/field/core.py).
 constexpr double kDistEps = 1e-8;
 constexpr double kScaleEps = 1e-3;
 constexpr double kSelfMask = 100.0;

@@ -36,7 +36,7 @@ from data_prep.images import center_crop_adm
 import drift.schema as schema
 
 LATENT_EXT = "npy"      # drift.latent_data reads this component
-VAE_SCALE = 0.18215     # SD-VAE latent scale (same constant as drift.encoders.vae.VAE_SCALE)
+VAE_SCALE = 0.18215     # SD-VAE latent scale (same constant as drift.features.vae.VAE_SCALE)
 KIND = "latents"
 
 

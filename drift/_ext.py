@@ -1,4 +1,8 @@
-"""The one place that imports the C++ extension drift._C (ops are then reachable as torch.ops.drift.*)."""
+"""The one place that imports the C++ extension drift._C (its ops are then reachable as torch.ops.drift.*).
+
+The ops are the three passes of the fused CPU drifting field (csrc/drifting_field.cpp), driven by
+drift/field/cpp_driver.py.
+"""
 from __future__ import annotations
 
 try:
@@ -15,10 +19,3 @@ def require() -> None:
     """Raise a clear error when the extension is missing."""
     if not HAS_C_EXT:
         raise RuntimeError(f"drift._C is not built ({_IMPORT_ERROR}); run `make build`")
-
-
-def weighted_dist_rowsum(gen, targets, tw):
-    """Per-row sum of target-weighted expanded-form distances (pass 1 of the fused field), CPU op."""
-    require()
-    import torch
-    return torch.ops.drift.weighted_dist_rowsum(gen, targets, tw)

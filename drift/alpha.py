@@ -6,6 +6,9 @@ One alpha per class label per step, shared by that label's N_neg generated sampl
                alpha = (cfg_min^e + u (cfg_max^e - cfg_min^e))^(1/e)   (k = 1: log-uniform)
     "mixed"    alpha = 1 with probability no_cfg_frac, otherwise the power law (L/2: 50% at 1, k = 3)
     "uniform"  alpha ~ U(cfg_min, cfg_max)
+
+The label's unconditional reals enter its drifting field with the CFG weight `cfg_weight` (official
+`train.py`): w = (alpha - 1)(N_neg - 1)/N_unc, so alpha = 1 turns the CFG term off.
 """
 from __future__ import annotations
 
@@ -50,3 +53,13 @@ def sample_alpha(n: int, *, dist: str = "power", cfg_min: float = 1.0, cfg_max: 
         if dist == "mixed":
             a = torch.where(u[1] < no_cfg_frac, torch.ones_like(a), a)
     return a.float()
+
+
+def cfg_weight(alpha, gen_per_label: int, neg_per_sample: int):
+    """Official weight of a label's N_unc unconditional negatives: w = (alpha - 1)(N_neg - 1)/N_unc.
+
+    `alpha` is a float or a tensor of per-label alphas (the result has its type); 0 when N_unc = 0.
+    """
+    if neg_per_sample == 0:
+        return alpha * 0.0
+    return (alpha - 1.0) * (gen_per_label - 1) / neg_per_sample

@@ -88,29 +88,15 @@ def _torch_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def staging_dir(out_dir: str, step: int, crash: bool = False) -> str:
-    """Create (emptied) the temporary directory a checkpoint is written into; rank 0 calls this."""
-    path = os.path.join(ckpt_root(out_dir), step_name(step, crash) + ".tmp")
+def _staging_dir(path: str) -> None:
+    """Create `path` empty (a leftover of a killed save is removed first)."""
     if os.path.exists(path):
         shutil.rmtree(path)
     os.makedirs(path)
-    return path
 
 
-def write_shared(tmp_dir: str, *, model_state: dict, ema_state: dict, optim_state: dict, meta: dict) -> None:
-    """Rank 0's part: model + EMA, optimizer, meta.json."""
-    _torch_save({"model": model_state, "ema": ema_state}, os.path.join(tmp_dir, "model.pt"))
-    _torch_save(optim_state, os.path.join(tmp_dir, "optim.pt"))
-    _atomic_write_text(os.path.join(tmp_dir, "meta.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
-def write_rank(tmp_dir: str, rank: int, state: dict) -> None:
-    """Every rank's part (queues, loader position, RNG)."""
-    _torch_save(state, os.path.join(tmp_dir, rank_file(rank)))
-
-
-def finalize(out_dir: str, step: int, *, crash: bool = False, keep: int = 0) -> str:
-    """Rename the staging directory into place, update `latest`, prune old checkpoints; rank 0 only."""
+def _finalize(out_dir: str, step: int, crash: bool, keep: int) -> str:
+    """Rename the staging directory into place, update `latest`, prune old checkpoints (rank 0 only)."""
     root = ckpt_root(out_dir)
     tmp = os.path.join(root, step_name(step, crash) + ".tmp")
     final = os.path.join(root, step_name(step, crash))
@@ -130,6 +116,36 @@ def finalize(out_dir: str, step: int, *, crash: bool = False, keep: int = 0) -> 
             for s in list_checkpoints(out_dir)[:-keep]:
                 shutil.rmtree(os.path.join(root, step_name(s)), ignore_errors=True)
     return final
+
+
+def save(out_dir: str, step: int, *, rank: int, is_main: bool, model_state: dict, ema_state: dict,
+         optim_state: dict, meta: dict, rank_state: dict, crash: bool = False, keep: int = 0) -> str:
+    """Write one checkpoint from every rank of a run; every rank calls this with its own `rank_state`.
+
+    The protocol: rank 0 creates `<step>.tmp/` -> barrier -> rank 0 writes model.pt (model + EMA),
+    optim.pt and meta.json, every rank writes its rank file -> barrier -> rank 0 renames the directory into
+    place, updates `latest` and prunes to the newest `keep` (0 = keep all) -> barrier. A kill at any point
+    leaves the previous checkpoints intact. The shared states are only read on rank 0 (DDP keeps them
+    identical). Crash checkpoints (`crash=True`) never move `latest` and are never pruned.
+    Returns the final checkpoint directory.
+    """
+    from drift.dist import barrier
+
+    root = ckpt_root(out_dir)
+    tmp = os.path.join(root, step_name(step, crash) + ".tmp")
+    if is_main:
+        _staging_dir(tmp)
+    barrier()
+    if is_main:
+        _torch_save({"model": model_state, "ema": ema_state}, os.path.join(tmp, "model.pt"))
+        _torch_save(optim_state, os.path.join(tmp, "optim.pt"))
+        _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _torch_save(rank_state, os.path.join(tmp, rank_file(rank)))
+    barrier()
+    if is_main:
+        _finalize(out_dir, step, crash, keep)
+    barrier()
+    return os.path.join(root, step_name(step, crash))
 
 
 def _load_pt(path: str, map_location) -> Any:

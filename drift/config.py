@@ -3,7 +3,7 @@
 Field names follow the official release where it has one (gen_per_label, pos_per_sample, neg_per_sample,
 train_batch_size, positive_bank_size, negative_bank_size, push_per_step, R_list, cfg_min, cfg_max,
 neg_cfg_pw, no_cfg_frac, ema_decay). Preset numbers come from the paper (Tables 2, 8) and the official
-configs (docs: paper notes §9-§12). Stdlib only.
+configs (`configs/gen/*.yaml` of the official release). Stdlib only.
 
     cfg = TrainConfig.from_preset("demo", max_steps=100)
     cfg = parse_cli(["--preset", "B/2", "--lr", "3e-4"])      # --preset first, then the other flags
@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
@@ -150,12 +150,6 @@ class TrainConfig:
         if self.attn_fp32:
             kw["attn_fp32"] = True
         return kw
-
-    def cfg_weight(self, alpha: float) -> float:
-        """Official uncond weight w = (alpha - 1)(N_neg - 1)/N_unc (0 when there are no uncond negatives)."""
-        if self.neg_per_sample == 0:
-            return 0.0
-        return (alpha - 1.0) * (self.gen_per_label - 1) / self.neg_per_sample
 
     # ----- (de)serialization -----
     def to_dict(self) -> Dict[str, Any]:

@@ -4,7 +4,7 @@
     loader = build_loader("data/fmnist", 256, mode="center", device="cpu")
     images, labels = next(loader)      # [B, C, H, W] float32 in [-1, 1] (or uint8), int64 [B], on `device`
 
-Processing (the same in both backends, SPEC §7):
+Processing (the same in both backends):
   * "center": ADM-style center crop — resize the short side to `image_size` (bicubic, antialiased), crop the
     central square. Images already stored at `image_size` (drift-prep --size, or IDX data) are not resampled.
   * "train":  RandomResizedCrop(scale 0.2–1, ratio 3/4–4/3) to `image_size`, then a horizontal flip with p=0.5.
@@ -64,6 +64,9 @@ class ShardSet:
     def __init__(self, path: str, check_headers: bool = True):
         self.root = path
         self.manifest = schema.read_manifest(path)
+        if self.manifest.get("kind") == "latents":
+            raise ValueError(f"{path} holds drift-prep latents, not images: read it with drift.data.open_loader "
+                             "(drift-train and drift-mae do)")
         self.shards: List[str] = []
         self.indexes: List[str] = []
         # one entry per sample: (shard, img_off, img_size, img_ext, cls_off, cls_size)
@@ -209,6 +212,7 @@ class _Base:
     """Iterator protocol + bookkeeping shared by the backends."""
 
     backend = ""
+    kind = "images"
 
     def __init__(self, ds: ShardSet, batch_size: int, *, mode, image_size, channels, output, device, rank,
                  world_size, seed, num_threads):
@@ -515,3 +519,23 @@ def build_loader(path: str, batch_size: int, *, mode: str = "center", image_size
     cls = DaliLoader if use_dali else PilLoader
     return cls(ds, int(batch_size), mode=mode, image_size=image_size, channels=channels, output=output,
                device=device, rank=rank, world_size=world_size, seed=seed, num_threads=num_threads)
+
+
+def open_loader(path: str, batch_size: int, *, mode: str = "center", image_size: Optional[int] = None,
+                device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, backend: str = "auto",
+                num_threads: int = 2):
+    """The training loader for any drift-prep directory, chosen from the directory itself.
+
+    `drift-prep latents` output (manifest kind "latents") gives a `drift.latent_data.LatentLoader` (cached
+    SD-VAE latents, already x0.18215, one random flip of the two stored); image shards give `build_loader`
+    with float output in [-1, 1]. Both follow one contract: an endless iterator of (x [B, C, H, W] float32,
+    labels int64 [B]) on `device`, `num_classes` / `channels` / `image_size` / `classes` / `num_samples`
+    from the manifest, `state_dict()` / `load_state_dict()` for exact resume, and sharding by the GLOBAL
+    rank. `kind` tells which one it is ("latents" or "images").
+    """
+    from drift.latent_data import build_latent_loader, is_latent_dir
+    if is_latent_dir(path):
+        return build_latent_loader(path, batch_size, mode=mode, image_size=image_size, device=device, rank=rank,
+                                   world_size=world_size, seed=seed)
+    return build_loader(path, batch_size, mode=mode, image_size=image_size, output="float", device=device,
+                        rank=rank, world_size=world_size, seed=seed, backend=backend, num_threads=num_threads)

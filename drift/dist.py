@@ -86,11 +86,3 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / dist.get_world_size()
 
-
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from `src` to every rank; identity without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

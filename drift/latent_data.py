@@ -94,6 +94,8 @@ class LatentShards:
 class LatentLoader:
     """Endless, resumable batches of (latents, labels) with one random flip per sample."""
 
+    kind = "latents"
+
     def __init__(self, root: str, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device="cpu", shuffle: bool = True):
         if batch_size < 1:
@@ -107,6 +109,8 @@ class LatentLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.device = seed, shuffle, torch.device(device)
         self.num_classes = self.data.num_classes
+        self.classes = self.data.manifest.get("classes")
+        self.vae_scale = self.data.manifest.get("vae_scale")
         self.num_samples = len(self.data)
         shape = self.data.latent_shape or self.data.get(0, 0)[0].shape
         self.channels, self.image_size = int(shape[0]), int(shape[1])  # what the trainer reads off any loader

@@ -1,10 +1,10 @@
-"""`drift-mae`: pretrain the MAE-ResNet feature encoder (paper §4, App. A.3; SPEC §4) on a drift-prep shard set.
+"""`drift-mae`: pretrain the MAE-ResNet feature encoder (paper §4, App. A.3) on a drift-prep shard set.
 
     drift-mae --data DATA --out outputs/mae [--preset latent-w256|latent-w640|pixel-w256|pixel-w640|tiny]
               [--vae VAE_DIR] [--width 256] [--steps 30000] [--batch-size 8192] [--resume] ...
     torchrun --nproc-per-node 8 -m drift.mae_train --data ... --out ...        # DDP (NCCL; gloo on CPU)
 
-Recipe: RandomResizedCrop(0.2-1) + flip from `drift.data.build_loader(mode="train")`; with ``--vae`` the
+Recipe: RandomResizedCrop(0.2-1) + flip from `drift.data.open_loader(mode="train")`; with ``--vae`` the
 augmented images are encoded by the SD-VAE (a posterior sample x 0.18215) and the MAE is trained on latents
 (the "latent-MAE"); a `drift-prep latents` directory as --data trains on the cached latents (random flip
 only: a cheaper approximation of the official recipe); otherwise the MAE trains on pixels patchified ``patch_size`` x ``patch_size`` ("pixel-MAE"). Each step
@@ -34,9 +34,9 @@ from typing import List, Optional
 import torch
 
 from drift import checkpoint as ckpt
-from drift.dist import all_reduce_mean, barrier, cleanup_distributed, init_distributed, print0
+from drift.dist import all_reduce_mean, cleanup_distributed, init_distributed, print0
 from drift.ema import EMA
-from drift.encoders.mae_resnet import MAEConfig, MAEResNet, random_patch_mask
+from drift.features.mae_resnet import MAEConfig, MAEResNet, random_patch_mask
 from drift.tracking import init_tracking
 
 
@@ -189,8 +189,7 @@ def _arch_fields(cfg: MAETrainConfig) -> dict:
 
 def train(cfg: MAETrainConfig) -> dict:
     """Run (or resume) MAE pretraining; returns the last logged metrics."""
-    from drift.data import build_loader
-    from drift.latent_data import build_latent_loader
+    from drift.data import open_loader
     from drift.schema import read_manifest
 
     validate(cfg)
@@ -206,23 +205,20 @@ def train(cfg: MAETrainConfig) -> dict:
     manifest = read_manifest(cfg.data)
     num_classes = manifest["num_classes"]
     cached_latents = manifest.get("kind") == "latents"
-    if cached_latents:
-        # drift-prep latents output: no crop augmentation (the cache holds one crop), a random flip per sample
-        if cfg.vae:
-            raise ValueError(f"{cfg.data} already holds VAE latents; drop --vae")
-        loader = build_latent_loader(cfg.data, per_rank, rank=rank, world_size=world, seed=cfg.seed, device=dev,
-                                     image_size=cfg.image_size or None)
-    else:
-        loader = build_loader(cfg.data, per_rank, mode="train", image_size=cfg.image_size or None, device=dev,
-                              rank=rank, world_size=world, seed=cfg.seed, backend=cfg.loader_backend,
-                              num_threads=cfg.num_threads)
+    if cached_latents and cfg.vae:
+        raise ValueError(f"{cfg.data} already holds VAE latents; drop --vae")
+    # drift-prep latents: no crop augmentation (the cache holds one crop), a random flip per sample;
+    # image shards: RandomResizedCrop + flip.
+    loader = open_loader(cfg.data, per_rank, mode="train", image_size=cfg.image_size or None, device=dev,
+                         rank=rank, world_size=world, seed=cfg.seed, backend=cfg.loader_backend,
+                         num_threads=cfg.num_threads)
     image_size = loader.image_size
     vae = None
     if cached_latents:
         in_ch, grid = loader.channels, image_size
         patch = cfg.patch_size or 1
     elif cfg.vae:
-        from drift.encoders.vae import load_vae
+        from drift.features.vae import load_vae
         vae = load_vae(cfg.vae, device=dev)
         in_ch, grid = 4, image_size // 8
         patch = cfg.patch_size or 1
@@ -338,22 +334,12 @@ def _meta(cfg, mcfg, step, world, crash=False) -> dict:
 
 def _save(cfg, mcfg, info, step, model, ema, opt, loader, gen, crash=False) -> str:
     """drift.checkpoint layout: rank 0 writes model/EMA/optimizer/meta, every rank its loader + RNG state."""
-    if info.is_main:
-        ckpt.staging_dir(cfg.out, step, crash)
-    barrier()
-    tmp = os.path.join(ckpt.ckpt_root(cfg.out), ckpt.step_name(step, crash) + ".tmp")
-    if info.is_main:
-        ckpt.write_shared(tmp, model_state=model.state_dict(), ema_state=ema.state_dict(),
-                          optim_state=opt.state_dict(), meta=_meta(cfg, mcfg, step, info.world_size, crash))
     rank_state = {"loader": loader.state_dict(), "gen": gen.get_state(), "rng_cpu": torch.get_rng_state(),
                   "rng_cuda": torch.cuda.get_rng_state(info.device) if info.device.type == "cuda" else None}
-    ckpt.write_rank(tmp, info.rank, rank_state)
-    barrier()
-    path = os.path.join(ckpt.ckpt_root(cfg.out), ckpt.step_name(step, crash))
-    if info.is_main:
-        path = ckpt.finalize(cfg.out, step, crash=crash, keep=cfg.keep_ckpts)
-    barrier()
-    return path
+    return ckpt.save(cfg.out, step, rank=info.rank, is_main=info.is_main, model_state=model.state_dict(),
+                     ema_state=ema.state_dict(), optim_state=opt.state_dict(),
+                     meta=_meta(cfg, mcfg, step, info.world_size, crash), rank_state=rank_state, crash=crash,
+                     keep=cfg.keep_ckpts)
 
 
 def _restore(path, cfg, mcfg, world, rank, model, ema, opt, loader, gen, dev) -> int:

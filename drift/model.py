@@ -463,3 +463,11 @@ DRIFT_MODELS: Dict[str, Callable[..., DriftDiT]] = {
     "DriftDiT-T/4": _preset(192, 12, 3, 4, _SMALL),
     "DriftDiT-N/4": _preset(128, 6, 4, 4, _SMALL),
 }
+
+
+def build_generator_model(cfg, num_classes: int, input_size: int, in_channels: int) -> DriftDiT:
+    """The generator a TrainConfig names (`cfg.model` in DRIFT_MODELS, with its size overrides)."""
+    if cfg.model not in DRIFT_MODELS:
+        raise ValueError(f"model must be one of {sorted(DRIFT_MODELS)}, got {cfg.model!r}")
+    return DRIFT_MODELS[cfg.model](num_classes=num_classes, input_size=input_size, in_channels=in_channels,
+                                   grad_checkpointing=cfg.grad_checkpointing, **cfg.model_kwargs())

@@ -31,7 +31,7 @@ def resolve_ckpt_dir(path: str) -> str:
 
 def load_generator(path: str, *, ema: bool = True, ema_decay: Optional[float] = None, device="cpu"):
     """(model in eval mode, meta) from a checkpoint; EMA weights unless ema=False."""
-    from drift.trainer import build_generator_model
+    from drift.model import build_generator_model
     state = ckpt.load_for_sampling(resolve_ckpt_dir(path), map_location="cpu")
     cfg, meta = state["config"], state["meta"]
     c, h, _ = meta["item_shape"]

@@ -4,7 +4,7 @@
     from drift.trainer import train
     summary = train(TrainConfig.from_preset("demo", data_path="data/fmnist"))
 
-One step (SPEC §6; paper notes §10, §14):
+One step (paper Alg. 1 with the official class batching, `train.py` of the official release):
   1. push the latest loader batch (push_per_step reals) into the class queues and the global queue;
   2. sample N_c labels without replacement from that batch's labels, one alpha per label;
   3. per label: N_neg noises and style indices -> generator; N_pos positives from its class queue and
@@ -34,11 +34,12 @@ import torch
 import torch.distributed as dist
 
 from drift import checkpoint as ckpt
-from drift.alpha import sample_alpha
+from drift.alpha import cfg_weight, sample_alpha
 from drift.config import TrainConfig
-from drift.dist import DistInfo, barrier, cleanup_distributed, init_distributed, print0
+from drift.dist import DistInfo, barrier, init_distributed, print0
 from drift.ema import EMA
 from drift.loss import drifting_loss
+from drift.model import build_generator_model
 from drift.tracking import init_tracking
 
 LR_START = 1e-6  # official: linear warmup starts at 1e-6
@@ -72,15 +73,6 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
-
-
-def build_generator_model(cfg: TrainConfig, num_classes: int, input_size: int, in_channels: int):
-    from drift.model import DRIFT_MODELS
-    if cfg.model not in DRIFT_MODELS:
-        raise ValueError(f"model must be one of {sorted(DRIFT_MODELS)}, got {cfg.model!r}")
-    kw = cfg.model_kwargs()
-    return DRIFT_MODELS[cfg.model](num_classes=num_classes, input_size=input_size, in_channels=in_channels,
-                                   grad_checkpointing=cfg.grad_checkpointing, **kw)
 
 
 def build_features(cfg: TrainConfig, device):
@@ -120,11 +112,11 @@ class Trainer:
         else:
             if not cfg.data_path:
                 raise ValueError("data_path is empty: point --data-path at a drift-prep shard directory")
-            from drift.data import build_loader
-            self.loader = build_loader(cfg.data_path, cfg.push_per_step, mode=cfg.augment,
-                                       image_size=cfg.image_size or None, output="float", device=self.device,
-                                       rank=self.info.rank, world_size=W, seed=cfg.seed,
-                                       backend=cfg.loader_backend, num_threads=cfg.loader_threads)
+            from drift.data import open_loader  # image shards or drift-prep latents, told by the directory
+            self.loader = open_loader(cfg.data_path, cfg.push_per_step, mode=cfg.augment,
+                                      image_size=cfg.image_size or None, device=self.device, rank=self.info.rank,
+                                      world_size=W, seed=cfg.seed, backend=cfg.loader_backend,
+                                      num_threads=cfg.loader_threads)
         self.num_classes = int(self.loader.num_classes)
         self.item_shape = (int(self.loader.channels), int(self.loader.image_size), int(self.loader.image_size))
 
@@ -141,15 +133,16 @@ class Trainer:
         self.step = 0
         self.loop_state: Dict[str, Any] = {"train_time_s": 0.0}
 
-        self.ddp_model = self.model
+        # Two handles on the generator: `model` (the plain module: state_dict, EMA, sampling) and `gen_fn`
+        # (what the step calls: wrapped in DDP under torchrun, then compiled when cfg.compile).
+        self.gen_fn = self.model
         if self.info.is_ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = DDP(self.model, device_ids=ids)
-        self.gen_fn = self.ddp_model
+            self.gen_fn = DDP(self.model, device_ids=ids)
         self.feat_fn = self.features
         if cfg.compile:
-            self.gen_fn = torch.compile(self.ddp_model, dynamic=False)
+            self.gen_fn = torch.compile(self.gen_fn, dynamic=False)
             if any(True for _ in self.features.parameters()):
                 self.feat_fn = torch.compile(self.features, dynamic=False)
 
@@ -241,9 +234,7 @@ class Trainer:
             with torch.no_grad():
                 f_pos = self.feat_fn(batch["pos"])
                 f_unc = self.feat_fn(batch["unc"]) if U else None
-        w = None
-        if U:
-            w = (batch["alpha"] - 1.0) * (G - 1) / U  # (n,) official uncond weight
+        w = cfg_weight(batch["alpha"], G, U) if U else None  # (n,) weight of the uncond negatives
         per_key, rms = {}, {}
         total = None
         for k, fg in f_gen.items():
@@ -321,26 +312,16 @@ class Trainer:
         return [str(i) for i in range(self.num_classes)]
 
     def save(self, crash: bool = False) -> str:
-        cfg = self.cfg
-        tmp = None
-        if self.info.is_main:
-            tmp = ckpt.staging_dir(self.out_dir, self.step, crash)
-        barrier()
-        tmp = os.path.join(ckpt.ckpt_root(self.out_dir), ckpt.step_name(self.step, crash) + ".tmp")
-        if self.info.is_main:
-            meta = {"step": self.step, "config": cfg.to_dict(), "world_size": self.info.world_size,
-                    "loop_state": dict(self.loop_state), "num_classes": self.num_classes,
-                    "item_shape": list(self.item_shape), "torch": torch.__version__, "crash": crash,
-                    "class_names": self._class_names()}
-            ckpt.write_shared(tmp, model_state=self.model.state_dict(), ema_state=self.ema.state_dict(),
-                              optim_state=self.opt.state_dict(), meta=meta)
-        ckpt.write_rank(tmp, self.info.rank, self._rank_state())
-        barrier()
-        path = os.path.join(ckpt.ckpt_root(self.out_dir), ckpt.step_name(self.step, crash))
-        if self.info.is_main:
-            path = ckpt.finalize(self.out_dir, self.step, crash=crash, keep=cfg.keep_ckpts)
-        barrier()
-        return path
+        meta = {"step": self.step, "config": self.cfg.to_dict(), "world_size": self.info.world_size,
+                "loop_state": dict(self.loop_state), "num_classes": self.num_classes,
+                "item_shape": list(self.item_shape), "torch": torch.__version__, "crash": crash,
+                "class_names": self._class_names(), "data_kind": getattr(self.loader, "kind", "images")}
+        if meta["data_kind"] == "latents":  # samples are SD-VAE latents x vae_scale: decode z / vae_scale
+            meta["vae_scale"] = getattr(self.loader, "vae_scale", None)
+        return ckpt.save(self.out_dir, self.step, rank=self.info.rank, is_main=self.info.is_main,
+                         model_state=self.model.state_dict(), ema_state=self.ema.state_dict(),
+                         optim_state=self.opt.state_dict(), meta=meta, rank_state=self._rank_state(),
+                         crash=crash, keep=self.cfg.keep_ckpts)
 
     def _restore(self, ckpt_dir: str) -> None:
         state = ckpt.load_checkpoint(ckpt_dir, self.info.rank, map_location=self.device)

@@ -1,11 +1,25 @@
-"""Triton kernels of drift (imports only torch and triton; reached from drift/backends.py).
+"""drift.kernels: the Triton kernels of drift (imports only torch and triton, never the rest of drift).
 
-HAS_TRITON says whether triton imports here. The kernels run on CUDA tensors, or on CPU tensors when
-TRITON_INTERPRET=1 was set before this package was imported (the test tier `pytest -m interp`).
+This folder is the top-level `kernels/` of the source tree, installed as the subpackage `drift.kernels`
+(setup.py's package_dir; drift/__init__.py maps it the same way when the tree is used without installing).
+The fused drifting field is split by role (design note: ../docs/field_kernels.md, relative to this folder):
+
+    field_device.py  device code: the @triton.jit helpers and kernels
+    field_tuning.py  launch configurations, routes and the autotuner
+    field_launch.py  launch plans, launchers and the three passes as functions
+    field_ops.py     the torch.library custom ops (what drift/field/triton_driver.py calls)
+
+This module imports nothing but triton: HAS_TRITON says whether it imports. The kernels run on CUDA tensors,
+or on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported (the test tier
+`pytest -m interp`); INTERPRETED records that.
 """
+import os
+
 try:
     import triton  # noqa: F401
 
     HAS_TRITON = True
-except ImportError:  # a CPU-only install without triton: the backends fall back to cpp / reference
+except ImportError:  # a CPU-only install without triton: the field falls back to cpp / reference
     HAS_TRITON = False
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,4 +1,5 @@
-"""Synthetic inputs for the data-path tests: small ImageFolders (good and bad files) and IDX files."""
+"""Synthetic inputs for the data-path tests: small ImageFolders (good and bad files), IDX files, and a
+Fashion-MNIST-like IDX directory for the demo metrics."""
 from __future__ import annotations
 
 import gzip
@@ -8,6 +9,7 @@ import struct
 from typing import Dict, Optional
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -61,7 +63,7 @@ def exif_rotated_jpeg(rng, w: int, h: int, orientation: int = 6) -> bytes:
 
 
 def make_bad_imagefolder(root: str, seed: int = 0) -> Dict[str, Optional[str]]:
-    """ImageFolder with every bad-input case of SPEC §10. Returns {relative path: expected outcome}, where the
+    """ImageFolder with every bad-input case drift-prep promises to handle (README). Returns {relative path: expected outcome}, where the
     outcome is None for "packed byte-exact", "normalized:<mode>" for re-encoded files, and "rejected:<reason
     substring>" for rejects."""
     rng = np.random.default_rng(seed)
@@ -130,3 +132,26 @@ def make_idx(root: str, n_train: int = 60, n_test: int = 20, num_classes: int = 
         write_idx(os.path.join(root, f"{stem}-labels-idx1-ubyte{suffix}"), labels, gz)
         out[split] = (images, labels)
     return out
+
+
+def synthetic_fashion(n, seed):
+    """28x28 'classes': a bright bar whose position encodes the class, plus noise (images in [-1, 1])."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    x = -torch.ones(n, 1, 28, 28)
+    for c in range(4):
+        x[labels == c, :, 2 + 6 * c:8 + 6 * c, 4:24] = 0.9
+    x = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    return x, labels
+
+
+def write_fake_idx_dir(root, n_train=256, n_test=128):
+    """A Fashion-MNIST-like IDX directory (gzip files) of `synthetic_fashion` images; returns root."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n, seed, (img, lbl) in (("train", n_train, 0, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")),
+                                       ("test", n_test, 1, ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))):
+        x, y = synthetic_fashion(n, seed)
+        u8 = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        write_idx(str(root / (img + ".gz")), u8, gz=True)
+        write_idx(str(root / (lbl + ".gz")), y.numpy().astype(np.uint8), gz=True)
+    return root

@@ -56,7 +56,8 @@ def test_interrupted_write_leaves_previous_checkpoint(run_dir, tmp_path):
     import shutil
     out = tmp_path / "copy"
     shutil.copytree(run_dir, out)
-    tmp = ckpt.staging_dir(str(out), 5)  # a save killed after creating its staging directory
+    tmp = os.path.join(ckpt.ckpt_root(str(out)), ckpt.step_name(5) + ".tmp")  # a save killed mid-write
+    os.makedirs(tmp)
     open(os.path.join(tmp, "model.pt"), "wb").write(b"partial")
     assert ckpt.latest_checkpoint(str(out)).endswith("step_0000004")
     t = Trainer(_cfg(out, max_steps=5), resume="auto", loader_factory=loader_factory(X, Y))

@@ -34,9 +34,14 @@ def test_preset_numbers_follow_the_paper():
         c = TrainConfig.from_preset(n)
         assert (c.pos_per_sample, c.augment, c.max_steps, c.features) == (128, "train", 100000, "mae-pixel+convnext")
     assert TrainConfig.from_preset("L/16").lr == 4e-4 and TrainConfig.from_preset("B/16").lr == 2e-4
-    # Official uncond weight: ablation N_neg 64, N_unc 16 -> 3.9375 (alpha - 1).
-    assert a.cfg_weight(2.0) == pytest.approx(3.9375) and a.cfg_weight(1.0) == 0.0
-    assert b.cfg_weight(3.0) == pytest.approx(2 * 1.96875)
+    # Official uncond weight (the function the trainer calls): ablation N_neg 64, N_unc 16 -> 3.9375 (alpha - 1).
+    from drift.alpha import cfg_weight
+    assert cfg_weight(2.0, a.gen_per_label, a.neg_per_sample) == pytest.approx(3.9375)
+    assert cfg_weight(1.0, a.gen_per_label, a.neg_per_sample) == 0.0
+    assert cfg_weight(3.0, b.gen_per_label, b.neg_per_sample) == pytest.approx(2 * 1.96875)
+    w = cfg_weight(torch.tensor([1.0, 2.0, 4.0]), 64, 16)
+    assert torch.allclose(w, torch.tensor([0.0, 3.9375, 3 * 3.9375]))
+    assert float(cfg_weight(torch.tensor([3.0]), 64, 0).abs().sum()) == 0.0
 
 
 def test_cli_preset_first_then_flags_and_round_trip():
@@ -134,7 +139,7 @@ def test_mixed_fraction_and_uniform():
 
 
 def test_style_token_override_reaches_the_model():
-    from drift.trainer import build_generator_model
+    from drift.model import build_generator_model
     base = TrainConfig.from_preset("tiny")
     assert "num_style_tokens" not in base.model_kwargs()  # -1: the preset's 32
     assert build_generator_model(base, 4, 8, 1).num_style_tokens == 32

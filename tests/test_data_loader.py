@@ -175,7 +175,7 @@ def test_every_packed_bad_input_decodes(tmp_path, backend):
 
 def test_rrc_params_follow_the_scale_and_ratio_ranges():
     rng = np.random.default_rng(0)
-    areas, flips = [], 0
+    areas = []
     for _ in range(2000):
         left, top, w, h = rrc_params(rng, 64, 48)
         assert 0 <= left and left + w <= 64 and 0 <= top and top + h <= 48

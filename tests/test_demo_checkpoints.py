@@ -7,15 +7,13 @@ weights, and the bad-input paths raise.
 import math
 
 import pytest
-import torch
 
 from benchmarks.demo_checkpoints import main as ckpt_main, score_run
-from drift.metrics import DemoEvaluator
+from drift.demo_metrics import DemoEvaluator
 from drift.sample import generate, load_generator
 from drift.trainer import train
-from tests.test_metrics import synthetic_fashion, write_fake_idx_dir
-from tests.test_trainer import tiny
-from tests.trainer_utils import loader_factory
+from tests.data_fixtures import synthetic_fashion, write_fake_idx_dir
+from tests.trainer_utils import loader_factory, tiny
 
 
 def test_scores_every_checkpoint_and_weight_set(tmp_path):

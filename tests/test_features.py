@@ -1,9 +1,8 @@
-"""Feature keys: shapes, values against a direct fp64 computation, strided views, builder errors."""
+"""Feature keys: shapes, values against a direct fp64 computation, strided views, the pixel-multiscale keys."""
 import pytest
 import torch
 
-from drift.features import (FeatureExtractor, PixelFeatures, base_features, build_feature_extractor,
-                            map_features, per_location)
+from drift.features import base_features, build_feature_extractor, map_features, per_location
 
 
 def _gen(seed=0):
@@ -85,16 +84,6 @@ def test_map_features_errors():
         map_features("bad", torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="x must have shape"):
         base_features(torch.randn(2, 3))
-
-
-def test_builder_pixels_and_unknown():
-    ex = build_feature_extractor("pixels")
-    assert isinstance(ex, FeatureExtractor) and isinstance(ex, PixelFeatures)
-    assert ex.describe((1, 28, 28)) == {"global": (1, 784), "norm_x": (1, 1)}
-    with pytest.raises(ValueError, match="unknown feature extractor 'nope'"):
-        build_feature_extractor("nope")
-    with pytest.raises(TypeError, match="no options"):
-        build_feature_extractor("pixels", width=3)
 
 
 def test_pixel_multiscale_keys_for_28px():

@@ -1,7 +1,7 @@
 """The reference drifting field against the fp64 golden oracle, its mathematical properties, and its errors.
 
 Run: pytest tests/test_field.py. The golden (tests/golden/drift_loss_ref.py) is a numpy port of the official
-math written independently of drift/field.py; agreement in fp64 pins the semantics to rounding level.
+math written independently of drift/field/reference.py; agreement in fp64 pins the semantics to rounding level.
 """
 import numpy as np
 import pytest
@@ -244,3 +244,21 @@ def test_check_finite_false_skips_value_scans():
     gen[0, 0, 0] = float("nan")
     res = drifting_field(gen, pos, neg, w, backend="reference", check_finite=False)
     assert torch.isnan(res.force).any()  # garbage in, garbage out, but no host sync was spent on checking
+
+
+def test_default_temperatures_come_from_one_constant():
+    # drift.field.core.R_LIST_DEFAULT is the official R_list; every default of the field's entry points is that
+    # object, and the training config (stdlib only, so it keeps its own tuple) holds the same numbers.
+    import inspect
+
+    from drift.config import TrainConfig
+    from drift.field import R_LIST_DEFAULT, drifting_field_reference, drifting_loss
+    from drift.field.cpp_driver import drifting_field_cpp
+    from drift.field.triton_driver import drifting_field_triton
+
+    assert R_LIST_DEFAULT == (0.02, 0.05, 0.2)
+    for fn in (drifting_field, drifting_loss):
+        assert inspect.signature(fn).parameters["temperatures"].default is R_LIST_DEFAULT, fn
+    for fn in (drifting_field_reference, drifting_field_cpp, drifting_field_triton):
+        assert inspect.signature(fn).parameters["temperatures"].default is R_LIST_DEFAULT, fn
+    assert tuple(TrainConfig().R_list) == R_LIST_DEFAULT

@@ -4,8 +4,9 @@ import os
 import pytest
 import torch
 
-from drift.encoders import MAEConfig, MAEFeatures, MAEResNet, MAEResNetEncoder, build_extractor
-from drift.encoders.mae_resnet import masked_l2, num_groups, patchify, random_patch_mask, unpatchify
+from drift.features import MAEConfig, MAEFeatures, MAEResNet, MAEResNetEncoder, build_feature_extractor
+from drift.features.base import patchify, unpatchify
+from drift.features.mae_resnet import masked_l2, num_groups, random_patch_mask
 
 OFFICIAL_MAPS = ["conv1", "layer1_blk2", "layer1", "layer2_blk2", "layer2_blk4", "layer2", "layer3_blk2",
                  "layer3_blk4", "layer3_blk6", "layer3", "layer4_blk2", "layer4"]
@@ -122,7 +123,7 @@ def test_cls_weight_mixes_losses():
 
 
 def test_extractor_is_frozen_but_differentiable():
-    ex = build_extractor("mae", width=4, in_channels=1, patch_size=1, layers=(1, 1, 1, 1))
+    ex = build_feature_extractor("mae", width=4, in_channels=1, patch_size=1, layers=(1, 1, 1, 1))
     assert not any(p.requires_grad for p in ex.parameters()) and not ex.training
     ex.train()
     assert not ex.training
@@ -188,7 +189,7 @@ def test_drift_mae_runs_resumes_exactly_and_exports(tmp_path, tiny_shards):
     for a, b in zip(full, again):
         assert a["loss"] == b["loss"] and a["recon"] == b["recon"], (a, b)
     # the export loads as a feature extractor and equals the EMA encoder of the final checkpoint
-    ex = build_extractor("mae", weights=os.path.join(out, "mae_encoder.pt"))
+    ex = build_feature_extractor("mae", weights=os.path.join(out, "mae_encoder.pt"))
     ck_dir = os.path.join(out, "checkpoints", "step_0000004")
     ck = torch.load(os.path.join(ck_dir, "model.pt"), weights_only=True)
     with open(os.path.join(ck_dir, "meta.json")) as f:
@@ -199,7 +200,7 @@ def test_drift_mae_runs_resumes_exactly_and_exports(tmp_path, tiny_shards):
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(ex(x)["layer4"], MAEFeatures(m.encoder)(x)["layer4"])
     # the checkpoint directory itself also loads as weights
-    ex2 = build_extractor("mae", weights=ck_dir)
+    ex2 = build_feature_extractor("mae", weights=ck_dir)
     torch.testing.assert_close(ex2(x)["layer4"], ex(x)["layer4"])
 
 

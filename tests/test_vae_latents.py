@@ -10,8 +10,7 @@ from PIL import Image
 
 from data_prep import latents as latmod
 from data_prep import pack as packmod
-from drift.encoders import WeightsError, build_extractor
-from drift.encoders.vae import DecodeFirst, load_vae
+from drift.features import DecodeFirst, WeightsError, build_feature_extractor, load_vae
 from drift.latent_data import LatentShards, build_latent_loader, is_latent_dir
 
 SIZE = 32  # images; latents are 4 x 4 x 4
@@ -64,7 +63,7 @@ def test_vae_roundtrip_and_decode_grad(vae_dir):
 
 
 def test_decode_first_extractor(vae_dir):
-    ex = build_extractor("mae", vae=vae_dir, in_channels=3, patch_size=2, width=4, layers=(1, 1, 1, 1))
+    ex = build_feature_extractor("mae", vae=vae_dir, in_channels=3, patch_size=2, width=4, layers=(1, 1, 1, 1))
     assert isinstance(ex, DecodeFirst) and ex.input_space == "latent"
     z = torch.randn(2, 4, 4, 4, requires_grad=True)
     f = ex(z)
@@ -137,6 +136,15 @@ def test_prep_latents_flips_roundtrip_and_loader(tmp_path, vae_dir, image_shards
     # ranks split each epoch
     a, b = build_latent_loader(out, 2, rank=0, world_size=2), build_latent_loader(out, 2, rank=1, world_size=2)
     assert not torch.equal(next(a)[0], next(b)[0])
+    # The trainer's entry point picks the loader from the directory itself; the image loader refuses latents.
+    from drift.data import build_loader, open_loader
+    lat = open_loader(out, 3, seed=1)
+    assert lat.kind == "latents" and lat.classes == src_m["classes"] and lat.vae_scale == pytest.approx(0.18215)
+    assert torch.equal(next(lat)[0], batches[0][0])
+    img = open_loader(image_shards, 3, backend="pil")
+    assert img.kind == "images" and next(img)[0].shape == (3, 3, SIZE, SIZE)
+    with pytest.raises(ValueError, match="holds drift-prep latents"):
+        build_loader(out, 3, backend="pil")
 
 
 def test_prep_latents_resume_is_byte_identical(tmp_path, vae_dir, image_shards, monkeypatch):
@@ -181,7 +189,7 @@ def test_drift_mae_on_latents(tmp_path, vae_dir, image_shards):
               "--loader-backend", "pil", "--no-progress", "--num-threads", "1"]
     out = str(tmp_path / "onthefly")
     assert mae_main(["--data", image_shards, "--out", out, "--vae", vae_dir] + common) == 0
-    ex = build_extractor("mae-latent", weights=os.path.join(out, "mae_encoder.pt"))
+    ex = build_feature_extractor("mae-latent", weights=os.path.join(out, "mae_encoder.pt"))
     assert ex.encoder.cfg.in_channels == 4 and ex.encoder.cfg.patch_size == 1
     assert ex(torch.randn(2, 4, 4, 4))["conv1"].shape == (2, 16, 4)
     lat = str(tmp_path / "lat")

@@ -62,3 +62,11 @@ def loader_factory(images, labels, seed: int = 0):
     def make(cfg, info):
         return TensorLoader(images, labels, cfg.push_per_step, seed=seed)
     return make
+
+
+def tiny(tmp_path, **kw):
+    """The "tiny" preset writing into tmp_path/run, one thread, no progress bar; `kw` overrides fields."""
+    from drift.config import TrainConfig
+    base = dict(out_dir=str(tmp_path / "run"), threads=1, progress=False)
+    base.update(kw)
+    return TrainConfig.from_preset("tiny", **base)

@@ -1,4 +1,5 @@
-"""Test helpers: the fp64 tolerance rule of docs/style.md §5 and input factories for the drifting field."""
+"""Test helpers: the fp64 tolerance rule (a result passes when its error against an fp64 reference is at most
+2x that of plain torch in the same dtype, plus a small floor) and input factories for the drifting field."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,8 @@
 """fp64 golden oracle of the official `drift_loss` (lambertae/drifting, drift_loss.py; arXiv 2602.04770 Alg. 2, App. A.6-A.7).
 
-Written step by step from the math in SPEC §3.1 with numpy in float64, independently of the torch
-reference backend in drift/field.py, so that the two can check each other. Names follow the official
+Written step by step from the math of the official `drift_loss` (the step list in drift/field/core.py) with
+numpy in float64, independently of the torch reference backend in drift/field/reference.py, so that the two
+can check each other. Names follow the official
 function: `gen`, `fixed_pos`, `fixed_neg`, `weight_neg`, `R_list`. Rows are processed one at a time
 (explicit loops over B) except for the two global reductions, which are the point of the exercise.
 """

@@ -1,7 +1,8 @@
 """Shared cases and checks for the fused drifting-field backends (cpp, triton) against the fp64 golden.
 
 A backend passes a case when every output (force, loss, scale, scale_inputs, force_rms) is within
-2 x (the fp32 reference backend's own error against the fp64 golden) + a small floor (style §5.2).
+2 x (the fp32 reference backend's own error against the fp64 golden) + a small floor (flash-attention's
+rule, tests/utils.py: assert_close_to_ref).
 Both the backend and the fp32 reference see identical input values (same dtype, same tensors).
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from drift.field import drifting_field, drifting_field_reference
+from drift.field import R_LIST_DEFAULT, drifting_field, drifting_field_reference
 from tests.golden.drift_loss_ref import drift_loss_ref
 from tests.utils import assert_close_to_ref, make_field_inputs, max_abs_err
 
@@ -22,7 +23,7 @@ def _flat(t, tail):
     return t.detach().double().reshape(-1, *t.shape[t.dim() - tail:]).numpy()
 
 
-def golden(gen, pos, neg=None, w=None, temperatures=(0.02, 0.05, 0.2), normalization="xy"):
+def golden(gen, pos, neg=None, w=None, temperatures=R_LIST_DEFAULT, normalization="xy"):
     """fp64 golden outputs as torch tensors, reshaped to the inputs' batch dims."""
     gold = drift_loss_ref(_flat(gen, 2), _flat(pos, 2), _flat(neg, 2), _flat(w, 1), R_list=tuple(temperatures),
                           normalization=normalization)
@@ -39,7 +40,7 @@ def golden(gen, pos, neg=None, w=None, temperatures=(0.02, 0.05, 0.2), normaliza
 FLOOR = 32 * float(torch.finfo(torch.float32).eps)
 
 
-def check_backend(backend, gen, pos, neg=None, w=None, temperatures=(0.02, 0.05, 0.2), normalization="xy",
+def check_backend(backend, gen, pos, neg=None, w=None, temperatures=R_LIST_DEFAULT, normalization="xy",
                   floor=FLOOR, res=None):
     """Run `backend` (unless `res` is given) and assert the 2x-reference-error rule on every output."""
     if res is None:

@@ -1,7 +1,9 @@
-"""Smoke run of benchmarks/bench_field.py --quick (eager providers only): the table and JSON path work.
+"""Smoke run of benchmarks/bench_field.py --quick (eager providers only): the table and JSON path work; and its
+Triton precompile helper (benchmarks/_field_warm.py) under the interpreter.
 
-Run: pytest tests/kernels/test_bench_field_smoke.py. No timing is asserted, only that every provider
-produced a row with finite positive numbers and the JSON carries the run's metadata.
+Run: pytest tests/kernels/test_bench_field_smoke.py; TRITON_INTERPRET=1 pytest -m interp on the same file.
+No timing is asserted, only that every provider produced a row with finite positive numbers and the JSON
+carries the run's metadata.
 """
 import json
 import math
@@ -10,8 +12,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from drift import _ext
+from drift.field import dispatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,3 +56,26 @@ def test_bench_field_gup_sets_row_shape_and_rejects_bad_values(tmp_path):
         proc = subprocess.run(base + ["--gup", bad, "--grid", "2x3"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 2 and "--gup must be G,U,P" in proc.stderr, (bad, proc.stderr[-500:])
+
+
+@pytest.mark.interp
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1", reason="set TRITON_INTERPRET=1 before pytest")
+def test_bench_field_warm_compile_under_interpreter():
+    # The benchmark's parallel precompile path: every (kernel, candidate) of compile_tasks launches on one row.
+    if not dispatch.has_triton():
+        pytest.skip("triton is not installed")
+    from benchmarks import _field_warm
+    from drift.kernels import field_tuning
+
+    tasks = _field_warm.compile_tasks(5, 3, 4, S_values=(20, 4096))
+    assert {k for k, _ in tasks} == {"scale", "sumsq", "force", "reduce"} and any(c.GRAM for _, c in tasks)
+    stored = [t for t in tasks if t[1].STORED and not t[1].SPLIT]
+    split = [t for t in tasks if t[1].SPLIT]
+    assert {k for k, _ in stored} == {"scale", "sumsq", "force"}  # S = 4096 (and 20) fit K at (5, 3, 4)
+    # S = 4096 splits; its pass 2 and 3 are the stored route's compiled kernels (J, W are run-time arguments).
+    assert {k for k, _ in split} == {"scale", "reduce"}
+    picks = tasks[:3] + [t for t in tasks if t[1].GRAM][:1] + stored[:1] + stored[-1:]
+    picks += [next(t for t in split if t[0] == k) for k in ("scale", "reduce")]
+    picks += [("force", field_tuning.candidates("force", 5, 3, 4, 4096, stored=True, split=True)[0])]
+    for kernel, cfg in picks:
+        assert _field_warm.warm_compile(kernel, cfg, torch.float32, 5, 3, 4, S=20, device="cpu") == "ok", (kernel, cfg)

@@ -1,82 +1,76 @@
-"""The Triton drifting-field backend against the fp64 golden: interpreter tier, CPU unit tests, GPU tier.
+"""The Triton drifting-field backend against the fp64 golden: interpreter tier and GPU tier (the launch-
+configuration logic, which needs no kernel run, is in tests/kernels/test_field_tuning.py).
 
 Run: TRITON_INTERPRET=1 pytest -m interp tests/kernels/test_drifting_field_triton.py   (CPU, tiny shapes)
      pytest -m gpu tests/kernels/test_drifting_field_triton.py                        (CUDA, real sizes)
-     pytest tests/kernels/test_drifting_field_triton.py -m "not gpu and not interp"   (launch-config logic)
 The interpreter executes every program serially in numpy, so the interp cases are few and tiny.
-Tolerance: style §5.2 (2x the fp32 reference backend's own error against fp64, plus a small floor). It
+Tolerance: 2x the fp32 reference backend's own error against fp64, plus a small floor (field_cases.py). It
 holds for the 3xTF32 GEMMs because every S chunk is translated by the row's first sample before the
 products, so their ~2^-20 relative error applies to centred coordinates, while the fp32 reference forms
 |x|^2 + |t|^2 - 2 x.t on raw ones; test_field_triton_gpu_distance_precision is the hard case for it.
 
 The stored route (pass 1 keeps each row's target Gram matrix K in the row's force output, passes 2 and 3
 read it back) is held to the same rule: its distances come from the same centred dot products, and its
-||c T||^2 = sum c K c^T is guarded per row (kernels.drifting_field.GRAM_RTOL); the degenerate case below
+||c T||^2 = sum c K c^T is guarded per row (drift.kernels.field_launch.GRAM_RTOL); the degenerate case below
 shows the guard is needed for that rule and that it fires.
 
 GPU tests run the first launch candidate (the untuned default) unless they request the `autotuned` fixture,
 because tuning compiles every candidate for every new shape key. With tuning off the stored route runs
-wherever K fits (S >= 228 at the SPEC row shape), split over column blocks where the rows are fewer than the
-SMs and the columns hold >= 2 copies of K, the recompute route elsewhere.
+wherever K fits (S >= 228 at the default row shape (G, U, P) = (64, 16, 64)), split over column blocks where
+the rows are fewer than the SMs and the columns hold >= 2 copies of K, the recompute route elsewhere.
 """
 import os
-import types
 
 import pytest
 import torch
 
-from drift import backends
-from drift.field import drifting_field, drifting_field_reference
+from drift.field import dispatch, drifting_field, drifting_field_reference
 from tests.kernels.field_cases import TIE_FLOOR, case_inputs, check_backend, golden, strided_inputs, tie_inputs
 from tests.utils import assert_close_to_ref, max_abs_err
 
-try:  # the module (and triton) may be missing on CPU-only installs: the fixture below skips then
-    from kernels import drifting_field as _kdf
+try:  # triton may be missing on CPU-only installs: the fixture below skips then
+    from drift.kernels import field_device as device_code
+    from drift.kernels import field_launch as launch
+    from drift.kernels import field_tuning as tuning
 except ImportError:
-    _kdf = None
+    device_code = launch = tuning = None
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 needs_interp = pytest.mark.skipif(not INTERP, reason="set TRITON_INTERPRET=1 before pytest starts")
 
 
 @pytest.fixture(autouse=True)
-def kdf(monkeypatch):
-    """The kernel module, with tuning off and a clean config cache for every test."""
-    if _kdf is None or not backends.has_triton():
-        pytest.skip("triton is not installed")
-    monkeypatch.setattr(_kdf, "AUTOTUNE", False)
-    _kdf.reset_tuning()
-    yield _kdf
-    _kdf.reset_tuning()
+def _tuner_off(fresh_tuner):
+    """Every test runs with tuning off and a clean config cache (tests/kernels/conftest.py)."""
+    yield
 
 
 @pytest.fixture
-def autotuned(kdf, monkeypatch):
+def autotuned(fresh_tuner, monkeypatch):
     """Tuning on (GPU tests of the tuned path)."""
-    monkeypatch.setattr(kdf, "AUTOTUNE", True)
-    return kdf
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
 
 
-def _forced(kdf, bs, gram):
+def _forced(bs, gram):
     """The same S chunk for all three passes, and pass 2 by the Gram or the streaming route."""
-    return kdf.forced_configs(scale=kdf.Config(bs, 8, 1), sumsq=kdf.Config(bs, 8, 1, gram),
-                              force=kdf.Config(bs, 8, 1))
+    return tuning.forced_configs(scale=tuning.Config(bs, 8, 1), sumsq=tuning.Config(bs, 8, 1, gram),
+                              force=tuning.Config(bs, 8, 1))
 
 
-def _forced_stored(kdf, bs):
+def _forced_stored(bs):
     """All three passes on the stored route with S chunk bs."""
-    cfg = kdf.Config(bs, 8, 1, False, True)
-    return kdf.forced_configs(scale=cfg, sumsq=cfg, force=cfg)
+    cfg = tuning.Config(bs, 8, 1, False, True)
+    return tuning.forced_configs(scale=cfg, sumsq=cfg, force=cfg)
 
 
-def _forced_route(kdf, route, G, U, P, S):
+def _forced_route(route, G, U, P, S):
     """A route ("recompute", "stored", "split") with its untuned default configurations, forced: the GPU tests
-    then share compiled kernels with the untuned runs (and the benchmark's precompile at the SPEC row shape)."""
+    then share compiled kernels with the untuned runs (and the benchmark's precompile at the default row shape)."""
     stored, split = route != "recompute", route == "split"
-    cfg = {k: kdf.candidates(k, G, U, P, S, stored=stored, split=split)[0] for k in ("scale", "sumsq", "force")}
+    cfg = {k: tuning.candidates(k, G, U, P, S, stored=stored, split=split)[0] for k in ("scale", "sumsq", "force")}
     if split:
-        cfg["reduce"] = kdf.candidates("reduce", G, U, P, S)[0]
-    return kdf.forced_configs(**cfg)
+        cfg["reduce"] = tuning.candidates("reduce", G, U, P, S)[0]
+    return tuning.forced_configs(**cfg)
 
 
 def degenerate_inputs(B=1, S=32, ratio=300.0, seed=0):
@@ -149,8 +143,8 @@ _ROUTE_CASES = [
 @pytest.mark.interp
 @needs_interp
 @pytest.mark.parametrize("bs,gram", [(16, True), (32, True), (16, False), (32, False)])
-def test_field_triton_interp_routes_and_chunks(kdf, bs, gram):
-    with _forced(kdf, bs, gram):
+def test_field_triton_interp_routes_and_chunks(bs, gram):
+    with _forced(bs, gram):
         for (B, G, P, U, S, scale, weights), opts in _ROUTE_CASES:
             check_backend("triton", *case_inputs(B, G, P, U, S, scale, weights, seed=B + G + S), **opts)
         check_backend("triton", *tie_inputs(B=1, G=4, P=3, U=2, S=5), floor=TIE_FLOOR)
@@ -174,10 +168,10 @@ _STORED_CASES = [
 @pytest.mark.interp
 @needs_interp
 @pytest.mark.parametrize("bs", [16, 32])
-def test_field_triton_interp_stored_route(kdf, bs):
-    with _forced_stored(kdf, bs):
+def test_field_triton_interp_stored_route(bs):
+    with _forced_stored(bs):
         for (B, G, P, U, S, scale, weights), opts in _STORED_CASES:
-            assert kdf.stored_fits(G, U, P, S)
+            assert tuning.stored_fits(G, U, P, S)
             res = check_backend("triton", *case_inputs(B, G, P, U, S, scale, weights, seed=B + G + S), **opts)
             assert res.force.shape == (B, G, S) and res.force.is_contiguous()
         check_backend("triton", *tie_inputs(B=1, G=4, P=3, U=2, S=16), floor=TIE_FLOOR)
@@ -188,22 +182,22 @@ def test_field_triton_interp_stored_route(kdf, bs):
         check_backend("triton", gen, pos, neg, w)
 
 
-def _forced_split(kdf, bs, J):
+def _forced_split(bs, J):
     """All passes on the split stored route, J column blocks per row (S must give >= J blocks of 128)."""
-    part, force = kdf.Config(bs, 8, 1, False, True, True), kdf.Config(bs, 8, 1, False, True, True)
-    return kdf.forced_configs(scale=part, sumsq=kdf.Config(bs, 8, 1, False, True), force=force, split=J)
+    part, force = tuning.Config(bs, 8, 1, False, True, True), tuning.Config(bs, 8, 1, False, True, True)
+    return tuning.forced_configs(scale=part, sumsq=tuning.Config(bs, 8, 1, False, True), force=force, split=J)
 
 
 @pytest.mark.interp
 @needs_interp
 @pytest.mark.parametrize("J", [2, 3])
-def test_field_triton_interp_split_route(kdf, J):
+def test_field_triton_interp_split_route(J):
     # The split stored route: J column blocks per row (128 columns each, the last one wider), partial Gram
     # matrices summed per row, pass 3 per block from the block's own copy of K; with a ragged last chunk, no
     # negatives, weights, the other normalizations and a large offset. Its distances and sums are those of
     # the stored route up to the order of the S sums (blocks), so the same rule holds.
     S = 128 * J + 45
-    with _forced_split(kdf, 16, J):
+    with _forced_split(16, J):
         for (B, G, P, U, _, scale, weights), opts in [((2, 5, 4, 3, 0, 1.0, "random"), {}),
                                                       ((1, 6, 5, 0, 0, 1e-5, None), {"normalization": "y"}),
                                                       ((2, 3, 2, 2, 0, 1.0, "zero"), {"normalization": "none"})]:
@@ -212,40 +206,40 @@ def test_field_triton_interp_split_route(kdf, J):
         gen, pos, neg, w = case_inputs(1, 4, 3, 2, S, 1.0, "random", seed=9)
         check_backend("triton", gen + 300.0, pos + 300.0, neg + 300.0, w)
     with pytest.raises(ValueError, match="do not split"):
-        with _forced_split(kdf, 16, 2):
+        with _forced_split(16, 2):
             drifting_field(*case_inputs(1, 4, 3, 2, 200, 1.0, "random"), backend="triton")
 
 
 @pytest.mark.interp
 @needs_interp
-def test_field_triton_interp_stored_guard(kdf, monkeypatch):
+def test_field_triton_interp_stored_guard(monkeypatch):
     # Where ||force|| << the targets' spread the Gram estimate of pass 2 is not good enough for the 2x rule
     # (the check fails with the guard off), and the guard streams those rows instead (the check passes; its
     # sums of squares equal those of always streaming, bit for bit).
     gen, pos, neg, w = degenerate_inputs()
-    with _forced_stored(kdf, 16):
+    with _forced_stored(16):
         guarded = check_backend("triton", gen, pos, neg, w)
-        monkeypatch.setattr(kdf, "GRAM_RTOL", 0.0)  # always stream
+        monkeypatch.setattr(launch, "GRAM_RTOL", 0.0)  # always stream
         streamed = drifting_field(gen, pos, neg, w, backend="triton")
-        monkeypatch.setattr(kdf, "GRAM_RTOL", 1e30)  # never stream
+        monkeypatch.setattr(launch, "GRAM_RTOL", 1e30)  # never stream
         with pytest.raises(AssertionError):
             check_backend("triton", gen, pos, neg, w)
     assert torch.equal(guarded.force_rms, streamed.force_rms)
     # Ordinary inputs stay on the Gram estimate (the guard leaves them alone): same bits as never streaming.
     gen, pos, neg, w = case_inputs(2, 5, 4, 3, 37, 1.0, "random", seed=3)
-    with _forced_stored(kdf, 16):
+    with _forced_stored(16):
         never = drifting_field(gen, pos, neg, w, backend="triton")
-        monkeypatch.setattr(kdf, "GRAM_RTOL", 2.0 ** -14)
+        monkeypatch.setattr(launch, "GRAM_RTOL", 2.0 ** -14)
         default = drifting_field(gen, pos, neg, w, backend="triton")
     assert torch.equal(never.force_rms, default.force_rms)
 
 
 @pytest.mark.interp
 @needs_interp
-def test_field_triton_interp_stored_fp64_and_compile(kdf):
+def test_field_triton_interp_stored_fp64_and_compile():
     # fp64 on the stored route (K in fp64, exact dots): as tight as the recompute route's fp64 check above.
     gen, pos, neg, w = case_inputs(2, 4, 3, 2, 16, 1.0, "random", dtype=torch.float64, seed=3)
-    with _forced_stored(kdf, 16):
+    with _forced_stored(16):
         res = drifting_field(gen, pos, neg, w, backend="triton")
     gold = golden(gen, pos, neg, w)
     assert res.force.dtype == torch.float64
@@ -260,7 +254,7 @@ def test_field_triton_interp_stored_fp64_and_compile(kdf):
         r = drifting_field(g, p, n, nw, backend="triton", check_finite=False)
         return r.force, r.loss, r.scale, r.force_rms
 
-    with _forced_stored(kdf, 16):
+    with _forced_stored(16):
         eager = f(gen, pos, neg, w)
         torch._dynamo.reset()
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(gen, pos, neg, w)
@@ -270,24 +264,24 @@ def test_field_triton_interp_stored_fp64_and_compile(kdf):
 
 @pytest.mark.interp
 @needs_interp
-def test_field_triton_interp_default_route_and_plan_cache(kdf, monkeypatch):
+def test_field_triton_interp_default_route_and_plan_cache(monkeypatch):
     # Untuned, the stored route runs where K fits and the recompute route elsewhere; a repeated call reuses
     # the launch plan (no shape work, no candidate lists) and gives the same bits.
     fits = case_inputs(2, 5, 4, 3, 37, 1.0, "random", seed=4)
     small = case_inputs(2, 5, 4, 3, 9, 1.0, "random", seed=5)
     first = check_backend("triton", *fits)
     check_backend("triton", *small)
-    routes = {key[3]: route for key, route in kdf._ROUTES.items()}  # key[3] is S
+    routes = {key[3]: route for key, route in tuning.ROUTES.items()}  # key[3] is S
     assert routes == {37: 1, 9: 0}  # stored, recompute (no SM count under the interpreter: no split)
-    n_plans = len(kdf._PLANS)
+    n_plans = len(launch._PLANS)
 
     def boom(*a, **k):
         raise AssertionError("a repeated call redid per-shape work")
 
-    monkeypatch.setattr(kdf, "_make_plan", boom)
-    monkeypatch.setattr(kdf, "candidates", boom)
+    monkeypatch.setattr(launch, "_make_plan", boom)
+    monkeypatch.setattr(launch, "candidates", boom)
     again = drifting_field(*fits, backend="triton")
-    assert len(kdf._PLANS) == n_plans
+    assert len(launch._PLANS) == n_plans
     for k in ("force", "loss", "scale", "scale_inputs", "force_rms"):
         assert torch.equal(getattr(first, k), getattr(again, k)), k
 
@@ -299,7 +293,7 @@ def _split_kernel():
     @triton.jit
     def split_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
         offs = tl.arange(0, N)
-        hi, lo = _kdf._split_tf32(tl.load(x_ptr + offs))
+        hi, lo = device_code._split_tf32(tl.load(x_ptr + offs))
         tl.store(hi_ptr + offs, hi)
         tl.store(lo_ptr + offs, lo)
 
@@ -330,24 +324,6 @@ def test_field_triton_interp_split_is_exact():
 
 @pytest.mark.interp
 @needs_interp
-def test_field_triton_interp_warm_compile(kdf):
-    # The benchmark's parallel precompile path: every (kernel, candidate) of compile_tasks launches on one row.
-    tasks = kdf.compile_tasks(5, 3, 4, S_values=(20, 4096))
-    assert {k for k, _ in tasks} == {"scale", "sumsq", "force", "reduce"} and any(c.GRAM for _, c in tasks)
-    stored = [t for t in tasks if t[1].STORED and not t[1].SPLIT]
-    split = [t for t in tasks if t[1].SPLIT]
-    assert {k for k, _ in stored} == {"scale", "sumsq", "force"}  # S = 4096 (and 20) fit K at (5, 3, 4)
-    # S = 4096 splits; its pass 2 and 3 are the stored route's compiled kernels (J, W are run-time arguments).
-    assert {k for k, _ in split} == {"scale", "reduce"}
-    picks = tasks[:3] + [t for t in tasks if t[1].GRAM][:1] + stored[:1] + stored[-1:]
-    picks += [next(t for t in split if t[0] == k) for k in ("scale", "reduce")]
-    picks += [("force", kdf.candidates("force", 5, 3, 4, 4096, stored=True, split=True)[0])]
-    for kernel, cfg in picks:
-        assert kdf.warm_compile(kernel, cfg, torch.float32, 5, 3, 4, S=20, device="cpu") == "ok", (kernel, cfg)
-
-
-@pytest.mark.interp
-@needs_interp
 def test_field_triton_interp_compiles_fullgraph():
     gen, pos, neg, w = case_inputs(1, 4, 3, 2, 6, 1.0, "random", seed=12)
 
@@ -368,168 +344,6 @@ def test_field_triton_needs_cuda_or_interpreter():
     gen, pos, neg, w = case_inputs(1, 3, 2, 1, 4, 1.0, "random")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         drifting_field(gen, pos, neg, w, backend="triton")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Launch candidates (plain Python: any tier)
-# ---------------------------------------------------------------------------------------------------
-
-def test_field_triton_candidates(kdf):
-    for S in (1, 7, 64, 256, 640, 4096):
-        for kernel in ("scale", "sumsq", "force"):
-            cands = kdf.candidates(kernel, 64, 16, 64, S)
-            assert cands and len(set(cands)) == len(cands)
-            assert all(16 <= c.BS <= max(16, triton_next_pow2(S)) for c in cands)
-            assert all(c.GRAM is False for c in cands) or kernel == "sumsq"
-    # Pass 2's route: the Gram route where it needs under half the multiply-adds of streaming (with the
-    # streaming default last, in case no Gram configuration fits), the streaming route only where it needs
-    # under half of the Gram route's, both in between.
-    assert kdf.gram_ratio(64, 16, 64, 4096, 3) < 0.5 and kdf.gram_ratio(64, 16, 64, 64, 3) > 2.0
-    wide = kdf.candidates("sumsq", 64, 16, 64, 4096)
-    assert all(c.GRAM for c in wide[:-1]) and wide[-1] == kdf.candidates("sumsq", 64, 16, 64, 64)[0]
-    assert {c.GRAM for c in kdf.candidates("sumsq", 64, 16, 64, 64)} == {False}
-    assert {c.GRAM for c in kdf.candidates("sumsq", 64, 16, 64, 256)} == {True, False}
-    assert kdf.Config(32, 8, 2, True).label() == "BS32/w8/s2/gram"
-    with pytest.raises(ValueError, match="unknown kernels"):
-        with kdf.forced_configs(bogus=kdf.Config(16, 4, 1)):
-            pass
-
-
-def test_field_triton_tuner_logic(kdf, monkeypatch):
-    # The tuner with a fake launch and fake timings: it keeps the fastest candidate that launches, logs the
-    # others' times and the failures, launches the winner last, and later calls reuse it without timing.
-    cands = [kdf.Config(32, 8, 1), kdf.Config(16, 8, 2), kdf.Config(64, 8, 2), kdf.Config(32, 8, 3)]
-    fake_ms = {cands[0]: 3.0, cands[1]: 1.0, cands[3]: 2.0}
-    calls = []
-
-    def launch(c):
-        calls.append(c)
-        if c == cands[2]:
-            raise RuntimeError("out of resource: shared memory, Required: 300000, Hardware limit: 232448")
-
-    monkeypatch.setattr(kdf, "INTERPRETED", False)
-    monkeypatch.setattr(kdf, "AUTOTUNE", True)
-    monkeypatch.setattr(kdf, "_time_ms", lambda run, best: (run(), fake_ms[calls[-1]])[1])
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    assert kdf._tuned_launch("force", ("k",), cands, launch) == cands[1]
-    assert calls[-1] == cands[1]
-    (entry,) = kdf.tuning_log()
-    assert entry["best"] == cands[1].label() and set(entry["times_ms"]) == {cands[i].label() for i in (0, 1, 3)}
-    assert "shared memory" in entry["errors"][cands[2].label()]
-    calls.clear()
-    assert kdf._tuned_launch("force", ("k",), cands, launch) == cands[1] and calls == [cands[1]]
-    # Tuning off: the first candidate that launches, no timing; a failure is logged, not raised.
-    monkeypatch.setattr(kdf, "AUTOTUNE", False)
-    assert kdf._tuned_launch("scale", ("k",), cands[2:], launch) == cands[3]
-    assert kdf.tuning_log()[-1]["errors"].keys() == {cands[2].label()}
-    with pytest.raises(RuntimeError, match="no launch configuration"):
-        kdf._tuned_launch("sumsq", ("k",), cands[2:3], launch)
-
-
-def test_field_triton_stored_route_memory_rule(kdf, monkeypatch):
-    # The stored route keeps K in the force output, so it is offered exactly where K fits there: no memory
-    # beyond the output on either route. At the SPEC row shape K has 64*144 + 16*16 + 16*64 + 64*64 = 14592
-    # floats, i.e. S >= 228; the SPEC grid's S = 64 stays on the recompute route (a separate [B, 14592]
-    # scratch there would be ~0.14x of the reference's peak on its own, over the 0.1x target).
-    assert kdf.gram_floats(64, 16, 64) == 14592
-    assert not kdf.stored_fits(64, 16, 64, 227) and kdf.stored_fits(64, 16, 64, 228)
-    assert [kdf.stored_fits(64, 16, 64, S) for S in (64, 256, 640, 4096)] == [False, True, True, True]
-    assert kdf.stored_fits(64, 0, 64, 192) and not kdf.stored_fits(64, 0, 64, 191)  # no negatives: 12288
-    for S in (256, 640, 4096):  # where it fits it needs fewer multiply-adds (the untuned choice)
-        macs = kdf.route_macs(64, 16, 64, S)
-        assert macs["stored"] < 0.75 * macs["recompute"], (S, macs)
-    stored = kdf.candidates("force", 64, 16, 64, 640, stored=True)
-    assert stored and all(c.STORED and not c.GRAM and c.label().endswith("/stored") for c in stored)
-    assert not any(c.STORED for k in ("scale", "sumsq", "force") for c in kdf.candidates(k, 64, 16, 64, 640))
-    monkeypatch.setattr(kdf, "STORED_ROUTE", False)  # DRIFT_TRITON_STORED=0
-    assert not kdf.stored_fits(64, 16, 64, 4096)
-
-
-def test_field_triton_split_blocks(kdf):
-    # The split stored route's column blocks: widths multiples of 128 that hold K (>= 228 columns at the SPEC
-    # row shape, so >= 256), about one program per SM for B rows, the last block between W and 2W wide.
-    assert kdf.split_blocks(64, 16, 64, 4096, 8, 132) == (16, 256)
-    assert kdf.split_blocks(64, 16, 64, 640, 8, 132) == (2, 256)  # blocks of 256 and 384 columns
-    assert kdf.split_blocks(64, 16, 64, 4096, 64, 132) == (3, 1280)
-    assert kdf.split_blocks(64, 16, 64, 4096, 24, 132) == (6, 640)
-    for B, S in ((8, 256), (8, 511), (132, 4096), (4096, 4096), (8, 64)):  # too narrow, enough rows, no fit
-        assert kdf.split_blocks(64, 16, 64, S, B, 132) == (1, S), (B, S)
-    assert kdf.split_blocks(64, 16, 64, 4096, 8, 0) == (1, 4096)  # no SM count (CPU): only when asked for
-    assert kdf.split_blocks(5, 3, 4, 400, 2, 0, J=3) == (3, 128)
-    for G, U, P, S, B in ((64, 16, 64, 4096, 1), (13, 7, 29, 641, 37), (64, 0, 64, 1000, 3)):
-        J, W = kdf.split_blocks(G, U, P, S, B, 132)
-        last = S - (J - 1) * W
-        assert W % 128 == 0 and G * W >= kdf.gram_floats(G, U, P) and W <= last < 2 * W, (G, U, P, S, J, W)
-        assert all(W % c.BS == 0 for k in ("scale", "force") for c in kdf.candidates(k, G, U, P, S, stored=True,
-                                                                                       split=True))
-    with pytest.raises(ValueError, match="not a multiple of BS"):  # a chunk would cross into the next block
-        kdf._check_blocks(384, kdf.Config(256, 8, 1, False, True, True))
-
-
-def _plan_stub(key, stored_ok=True, split=(1, 640)):
-    return types.SimpleNamespace(key=key, stored_ok=stored_ok, split=split)
-
-
-def test_field_triton_route_choice_logic(kdf, monkeypatch):
-    # The route decision with fake measurements: the fastest offered route wins and is logged with every
-    # route's time; a route whose passes have no configuration that runs loses; a shape where K does not fit
-    # only has the recompute route (nothing measured); tuning off takes the last offered route (split, else
-    # stored, else recompute).
-    measured = []
-    fake_ms = {0: 3.0, 1: 2.0, 2: 2.5}
-
-    def measure(p, args, buf, part, route):
-        measured.append(route)
-        if fake_ms[route] is None:
-            raise RuntimeError("no launch configuration of sumsq ran")
-        return fake_ms[route]
-
-    monkeypatch.setattr(kdf, "_measure_route", measure)
-    monkeypatch.setattr(kdf, "AUTOTUNE", True)
-    kdf._choose_route(_plan_stub(("a",), split=(2, 256)), None, None, None)
-    assert kdf._ROUTES[("a",)] == 1 and measured == [0, 1, 2]
-    (entry,) = kdf.tuning_log()
-    assert entry["kernel"] == "route" and entry["best"] == "stored"
-    assert entry["times_ms"] == {"recompute": 3.0, "stored": 2.0, "split": 2.5}
-    fake_ms.update({1: None, 0: 5.0})
-    measured.clear()
-    kdf._choose_route(_plan_stub(("b",)), None, None, None)  # no split offered
-    assert kdf._ROUTES[("b",)] == 0 and measured == [0, 1] and "stored" in kdf.tuning_log()[-1]["errors"]
-    measured.clear()
-    kdf._choose_route(_plan_stub(("c",), stored_ok=False), None, None, None)
-    assert kdf._ROUTES[("c",)] == 0 and measured == []
-    monkeypatch.setattr(kdf, "AUTOTUNE", False)
-    kdf._choose_route(_plan_stub(("d",), split=(2, 256)), None, None, None)
-    kdf._choose_route(_plan_stub(("e",)), None, None, None)
-    assert kdf._ROUTES[("d",)] == 2 and kdf._ROUTES[("e",)] == 1 and measured == []
-
-
-def test_field_triton_stored_pass_falls_back(kdf):
-    # A stored pass 2/3 without a configuration that compiles runs its recompute kernel instead (which does
-    # not read the buffer); the choice is kept for the plan. A forced stored config after a recompute pass 1
-    # is refused: it would read a buffer that holds no K.
-    tried, launched = [], []
-
-    def run(route):
-        tried.append(route)
-        if route != 0:
-            raise RuntimeError("no launch configuration of force ran")
-        return kdf.Config(64, 8, 2)
-
-    plan = types.SimpleNamespace(cfg={})
-    assert kdf._pass23(plan, "force", (0, 3), run, launched.append, 1) == kdf.Config(64, 8, 2)
-    assert tried == [1, 0] and plan.cfg == {("force", 0, 3, 1): kdf.Config(64, 8, 2)} and launched == []
-    tried.clear()
-    kdf._pass23(plan, "force", (0, 3), run, launched.append, 1)
-    assert tried == [] and launched == [kdf.Config(64, 8, 2)]
-    with pytest.raises(ValueError, match="did not run the stored route"):
-        with kdf.forced_configs(force=kdf.Config(64, 8, 2, False, True)):
-            kdf._pass23(types.SimpleNamespace(cfg={}), "force", (0, 3), run, launched.append, 0)
-
-
-def triton_next_pow2(n):
-    import triton
-    return triton.next_power_of_2(n)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -559,9 +373,9 @@ def test_field_triton_gpu_matches_golden(B, G, P, U, S):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gram", [True, False])
-def test_field_triton_gpu_routes_on_ragged_shape(kdf, gram):
+def test_field_triton_gpu_routes_on_ragged_shape(gram):
     # Non-power-of-two blocks and a ragged last chunk through both routes of pass 2.
-    with _forced(kdf, 32, gram):
+    with _forced(32, gram):
         _check_on_gpu(*case_inputs(37, 13, 29, 7, 641, 1.0, "random", seed=641))
 
 
@@ -576,23 +390,23 @@ def _out_of_resources():
 
 
 @pytest.mark.gpu
-def test_field_triton_gpu_every_candidate_matches_golden(kdf):
-    # The tuner may pick any candidate, so each one must be right at the SPEC row shape. S = 256 is where
+def test_field_triton_gpu_every_candidate_matches_golden():
+    # The tuner may pick any candidate, so each one must be right at the default row shape. S = 256 is where
     # both routes of pass 2 are candidates; the passes are paired up so each candidate compiles once.
-    _check_candidate_pairings(kdf, S=256, seed=21)
+    _check_candidate_pairings(S=256, seed=21)
 
 
-def _check_candidate_pairings(kdf, S, seed, **route):
-    """Run every launch candidate of the three passes at the SPEC row shape against the golden, paired up so
+def _check_candidate_pairings(S, seed, **route):
+    """Run every launch candidate of the three passes at the default row shape against the golden, paired up so
     each candidate compiles once; candidates that do not fit are skipped, as the tuner drops them."""
     gen, pos, neg, w = case_inputs(16, 64, 64, 16, S, 1.0, "random", seed=seed)
-    cands = {k: kdf.candidates(k, 64, 16, 64, S, **route) for k in ("scale", "sumsq", "force")}
+    cands = {k: tuning.candidates(k, 64, 16, 64, S, **route) for k in ("scale", "sumsq", "force")}
     n = max(len(c) for c in cands.values())
     ran, skipped = 0, []
     for i in range(n):
         cfg = {k: c[i % len(c)] for k, c in cands.items()}
         try:
-            with kdf.forced_configs(**cfg):
+            with tuning.forced_configs(**cfg):
                 _check_on_gpu(gen, pos, neg, w)
             ran += 1
         except _out_of_resources() as e:
@@ -607,12 +421,11 @@ def test_field_triton_gpu_autotuned_matches_golden(autotuned, rows, S):
     # S = 64: K does not fit the output, the recompute route only (no route decision). S = 256 with more rows
     # than SMs: the recompute and stored routes are tuned whole and timed, then the faster one runs; with 8
     # rows at S = 640 the split stored route is a third contender.
-    kdf = autotuned
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     B = n_sm + 4 if rows == "many" else 8  # more rows than SMs: the tuning bucket of real batches
     gen, pos, neg, w = case_inputs(B, 64, 64, 16, S, 1.0, "random", seed=22)
     res = _check_on_gpu(gen, pos, neg, w)
-    log = kdf.tuning_log()
+    log = tuning.tuning_log()
     routes = [e for e in log if e["kernel"] == "route"]
     if S == 64:
         assert not routes and sorted(e["kernel"] for e in log) == ["force", "scale", "sumsq"], log
@@ -630,54 +443,54 @@ def test_field_triton_gpu_autotuned_matches_golden(autotuned, rows, S):
         assert e["best"] in e["times_ms"] and all(t > 0 for t in e["times_ms"].values()), e
     # The choice is cached: a second call does not tune again and gives the same bits.
     again = drifting_field(*_cuda(gen, pos, neg, w), backend="triton")
-    assert len(kdf.tuning_log()) == len(log)
+    assert len(tuning.tuning_log()) == len(log)
     assert torch.equal(again.force.cpu(), res.force)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,G,P,U,S,offset", [(64, 64, 64, 16, 640, 0.0), (37, 13, 29, 7, 641, 0.0),
                                               (8, 64, 64, 16, 4096, 30.0)])
-def test_field_triton_gpu_stored_route_matches_golden(kdf, B, G, P, U, S, offset):
-    # The stored route at the SPEC row shape, on a ragged one (padded blocks, ragged last chunk) and, with a
+def test_field_triton_gpu_stored_route_matches_golden(B, G, P, U, S, offset):
+    # The stored route at the default row shape, on a ragged one (padded blocks, ragged last chunk) and, with a
     # large common offset at S = 4096, the hard case for distances from a Gram matrix (K_gg + K_mm - 2 K_gm,
     # of translated chunks: the same dot products as the recompute route's).
-    assert kdf.stored_fits(G, U, P, S)
+    assert tuning.stored_fits(G, U, P, S)
     gen, pos, neg, w = case_inputs(B, G, P, U, S, 1.0, "random", seed=S)
-    with _forced_route(kdf, "stored", G, U, P, S):
+    with _forced_route("stored", G, U, P, S):
         _check_on_gpu(gen + offset, pos + offset, neg + offset, w)
 
 
 @pytest.mark.gpu
-def test_field_triton_gpu_every_stored_candidate_matches_golden(kdf):
+def test_field_triton_gpu_every_stored_candidate_matches_golden():
     # Every stored-route candidate at S = 640 (K fits from S = 228), paired up as above.
-    _check_candidate_pairings(kdf, S=640, seed=23, stored=True)
+    _check_candidate_pairings(S=640, seed=23, stored=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,G,P,U,S,offset", [(8, 64, 64, 16, 4096, 0.0), (8, 64, 64, 16, 640, 30.0),
                                               (5, 13, 29, 7, 641, 0.0)])
-def test_field_triton_gpu_split_route_matches_golden(kdf, B, G, P, U, S, offset):
+def test_field_triton_gpu_split_route_matches_golden(B, G, P, U, S, offset):
     # The split stored route with the blocks the rows get on this GPU (one program per SM: 16 blocks at
-    # S = 4096, 2 at 640 and 641), at the SPEC row shape (with a large offset) and a ragged one.
+    # S = 4096, 2 at 640 and 641), at the default row shape (with a large offset) and a ragged one.
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    J, W = kdf.split_blocks(G, U, P, S, B, n_sm)
+    J, W = tuning.split_blocks(G, U, P, S, B, n_sm)
     assert J >= 2, (J, W)
     gen, pos, neg, w = case_inputs(B, G, P, U, S, 1.0, "random", seed=S + 1)
-    with _forced_route(kdf, "split", G, U, P, S):
+    with _forced_route("split", G, U, P, S):
         _check_on_gpu(gen + offset, pos + offset, neg + offset, w)
 
 
 @pytest.mark.gpu
-def test_field_triton_gpu_every_split_candidate_matches_golden(kdf):
+def test_field_triton_gpu_every_split_candidate_matches_golden():
     # Every split-route candidate (pass 1 per block, reduction, pass 3 per block) at 8 rows, S = 4096.
     gen, pos, neg, w = case_inputs(8, 64, 64, 16, 4096, 1.0, "random", seed=24)
-    cands = {k: kdf.candidates(k, 64, 16, 64, 4096, stored=True, split=True) for k in ("scale", "force", "reduce")}
+    cands = {k: tuning.candidates(k, 64, 16, 64, 4096, stored=True, split=True) for k in ("scale", "force", "reduce")}
     n = max(len(c) for c in cands.values())
     ran, skipped = 0, []
     for i in range(n):
         cfg = {k: c[i % len(c)] for k, c in cands.items()}
         try:
-            with kdf.forced_configs(sumsq=kdf.Config(32, 8, 1, False, True), **cfg):
+            with tuning.forced_configs(sumsq=tuning.Config(32, 8, 1, False, True), **cfg):
                 _check_on_gpu(gen, pos, neg, w)
             ran += 1
         except _out_of_resources() as e:  # the tuner drops these too
@@ -687,7 +500,7 @@ def test_field_triton_gpu_every_split_candidate_matches_golden(kdf):
 
 
 @pytest.mark.gpu
-def test_field_triton_gpu_stored_guard(kdf, monkeypatch):
+def test_field_triton_gpu_stored_guard(monkeypatch):
     # The degenerate case of the interpreter test with 3xTF32 products. Here the 2x rule is out of reach for
     # any route (3xTF32's ~2^-20 per product times the ~300x cancellation exceeds 2x the fp32 reference's
     # error), so the test checks the mechanism: the guard streams every temperature (same bits as always
@@ -698,10 +511,10 @@ def test_field_triton_gpu_stored_guard(kdf, monkeypatch):
     gold = golden(gen, pos, neg, w)
 
     def run(rtol):
-        monkeypatch.setattr(kdf, "GRAM_RTOL", rtol)
+        monkeypatch.setattr(launch, "GRAM_RTOL", rtol)
         return _cpu_result(drifting_field(*_cuda(gen, pos, neg, w), backend="triton"))
 
-    with _forced_route(kdf, "stored", 1, 2, 2, 32):
+    with _forced_route("stored", 1, 2, 2, 32):
         guarded, streamed, never = run(2.0 ** -14), run(0.0), run(1e30)
     assert torch.equal(guarded.force_rms, streamed.force_rms) and torch.equal(guarded.force, streamed.force)
     err_guarded = max_abs_err(guarded.loss, gold["loss"])
@@ -711,7 +524,7 @@ def test_field_triton_gpu_stored_guard(kdf, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_field_triton_gpu_split_and_3xtf32_products(kdf):
+def test_field_triton_gpu_split_and_3xtf32_products():
     # The split on the GPU's compiler, then one _mma product [64, 256] x [256, 64] against fp64, relative to
     # sum_k |a_ik b_kj|: 3xTF32 is ~2^-20 per product (_check_split) plus the tensor cores' fp32 accumulation
     # (up to ~2^-23 sqrt(K) = 2^-19 when it truncates), so 2^-16 bounds it with margin; plain TF32 (2^-11 per
@@ -729,7 +542,7 @@ def test_field_triton_gpu_split_and_3xtf32_products(kdf):
         a = tl.load(a_ptr + i[:, None] * 256 + k[None, :])
         b = tl.load(b_ptr + k[:, None] * 64 + i[None, :])
         zero = tl.zeros((64, 64), dtype=tl.float32) * tl.load(a_ptr)
-        tl.store(out_ptr + i[:, None] * 64 + i[None, :], _kdf._mma(a, b, zero, PREC))
+        tl.store(out_ptr + i[:, None] * 64 + i[None, :], device_code._mma(a, b, zero, PREC))
 
     g = torch.Generator().manual_seed(6)
     a, b = torch.randn(64, 256, generator=g).cuda(), torch.randn(256, 64, generator=g).cuda()
@@ -766,4 +579,4 @@ def test_field_triton_gpu_bf16_strided_and_compile():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)(gen, pos, neg, w)
     torch.testing.assert_close(compiled[0], res.force, rtol=0, atol=0)
-    assert backends.resolve("auto", "cuda") == "triton"
+    assert dispatch.resolve("auto", "cuda") == "triton"

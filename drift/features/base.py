@@ -1,4 +1,5 @@
-"""Feature keys: what the drifting field is computed on (paper §3.4 Eq. 13-14, App. A.5; SPEC §4).
+"""Feature keys: what the drifting field is computed on (paper §3.4 Eq. 13-14, App. A.5), and the extractor
+base class. A leaf: it imports torch only, so every other module of `drift.features` may build on it.
 
 A feature extractor maps a batch of samples x [N, C, H, W] to a dict of feature keys, each a tensor
 [N, L, D]: L "locations" (independent drifting problems that share one feature scale and one drift scale)
@@ -12,10 +13,6 @@ of D-dim vectors. The official key set for an encoder is
   [N, (H/p)(W/p), C]; a patch size is used only where it divides H (and W).
 
 The trainer groups rows per class with ``feat.view(N_c, G, L, D).transpose(1, 2)`` -> [N_c, L, G, D].
-
-`build_feature_extractor(name, **kw)` builds an extractor by name: ``"pixels"`` (no encoder, base keys
-only), ``"pixel-multiscale"`` (no encoder: base keys plus patch-vector maps of the image at several patch
-sizes, for small demo data) and the encoder-backed names of `drift.encoders` (listed by `feature_extractor_names()`).
 """
 from __future__ import annotations
 
@@ -28,6 +25,9 @@ from torch import nn
 NORM_X_EPS = 1e-6  # official: sqrt(mean(x^2) + 1e-6)
 STD_EPS = 1e-6     # official: sqrt(var + 1e-6), in fp32
 PATCH_SIZES = (2, 4)
+# ImageNet normalization of the pixel encoders pretrained on it (ConvNeXt-V2, torchvision ResNets)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _check_map(arg: str, x: torch.Tensor) -> None:
@@ -98,6 +98,27 @@ def map_features(name: str, fmap: torch.Tensor, patch_sizes: Sequence[int] = PAT
     return out
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C*p*p, H/p, W/p]; channel order (c, i, j) within a patch."""
+    if p == 1:
+        return x
+    n, c, h, w = x.shape
+    if h % p or w % p:
+        raise ValueError(f"input spatial size {h}x{w} is not divisible by patch_size={p}")
+    x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(n, c * p * p, h // p, w // p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of `patchify`: [N, C*p*p, H/p, W/p] -> [N, C, H, W]."""
+    if p == 1:
+        return x
+    n, cpp, hp, wp = x.shape
+    c = cpp // (p * p)
+    x = x.reshape(n, c, p, p, hp, wp).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(n, c, hp * p, wp * p)
+
+
 class FeatureExtractor(nn.Module):
     """Protocol of every extractor: ``forward(x [N, C, H, W]) -> dict[str, Tensor [N, L, D]]``.
 
@@ -127,91 +148,3 @@ class FeatureExtractor(nn.Module):
         dev = tensors[0].device if tensors else torch.device("cpu")
         x = torch.zeros((1, *input_shape), device=dev)
         return {k: tuple(v.shape[1:]) for k, v in self(x).items()}
-
-
-class PixelFeatures(FeatureExtractor):
-    """No encoder: only ``global`` and ``norm_x`` of the sample itself (the toy / no-encoder setting)."""
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return base_features(x)
-
-
-def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    n, c, h, w = x.shape
-    x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4)
-    return x.reshape(n, c * p * p, h // p, w // p)
-
-
-class PixelMultiscaleFeatures(FeatureExtractor):
-    """Encoder-free multi-scale keys for small images (demo data): ``global``, ``norm_x`` and, for every size p
-    in `patch_sizes` that divides H and W, the image patchified p x p into a map [N, C*p*p, H/p, W/p] whose
-    `map_features` (prefix ``px{p}``) give per-patch vectors, their mean/std, and 2x2 / 4x4 pooled means/stds
-    over the patch grid. A stand-in for an encoder's multi-scale maps when no pretrained encoder exists."""
-
-    def __init__(self, patch_sizes: Sequence[int] = (2, 4, 7, 14), pool_sizes: Sequence[int] = PATCH_SIZES,
-                 with_base: bool = True):
-        super().__init__()
-        if not patch_sizes or any(int(p) < 1 for p in patch_sizes):
-            raise ValueError(f"patch_sizes must be positive integers, got {patch_sizes}")
-        self.patch_sizes = tuple(int(p) for p in patch_sizes)
-        self.pool_sizes = tuple(int(p) for p in pool_sizes)
-        self.with_base = bool(with_base)  # False: only the px* keys (beside an encoder that gives global/norm_x)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = base_features(x) if self.with_base else {}
-        h, w = x.shape[-2:]
-        for p in self.patch_sizes:
-            if h % p or w % p:
-                continue
-            out.update(map_features(f"px{p}", _patchify(x, p), patch_sizes=self.pool_sizes))
-        return out
-
-
-class CombinedFeatures(FeatureExtractor):
-    """Union of several extractors' keys; later extractors must not reuse an earlier key name."""
-
-    def __init__(self, parts: Sequence[FeatureExtractor]):
-        super().__init__()
-        if not parts:
-            raise ValueError("CombinedFeatures needs at least one extractor")
-        self.parts = nn.ModuleList(parts)
-        self.input_space = parts[0].input_space
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out: Dict[str, torch.Tensor] = {}
-        for part in self.parts:
-            for k, v in part(x).items():
-                if k in out:
-                    raise ValueError(f"feature key {k!r} produced twice by {type(part).__name__}")
-                out[k] = v
-        return out
-
-
-def feature_extractor_names():
-    """All names accepted by `build_feature_extractor`."""
-    from drift import encoders
-    return ("pixels", "pixel-multiscale") + tuple(encoders.EXTRACTOR_NAMES)
-
-
-def build_feature_extractor(name: str = "pixels", **kw) -> FeatureExtractor:
-    """Build a frozen feature extractor by name ("pixels", or an encoder-backed name such as
-    "mae-latent", "mae-pixel", "mae-pixel+convnext", "resnet50"; see `feature_extractor_names()`).
-
-    Keyword arguments go to the encoder builder (e.g. ``weights=PATH``, ``width=640``, ``vae=PATH``).
-    """
-    if name in ("pixels", "pixel-multiscale"):
-        # encoder-free: no weights; a caller passing its (empty) weights / vae options generically is fine
-        for k in ("weights", "vae", "device"):
-            if k in kw and kw[k] not in (None, ""):
-                if k == "device":
-                    kw.pop(k)
-                    continue
-                raise ValueError(f"feature extractor {name!r} has no encoder, but {k}={kw[k]!r} was given")
-            kw.pop(k, None)
-        if name == "pixels":
-            if kw:
-                raise TypeError(f"build_feature_extractor('pixels') takes no options, got {sorted(kw)}")
-            return PixelFeatures().freeze()
-        return PixelMultiscaleFeatures(**kw).freeze()
-    from drift import encoders  # lazy: encoders import this module
-    return encoders.build_extractor(name, **kw)

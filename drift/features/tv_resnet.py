@@ -5,7 +5,7 @@ Weights: a local torchvision-format state_dict (e.g. ``resnet50-0676ba61.pth``; 
 prefixes are stripped, ``fc.*`` is ignored). MoCo / SimCLR checkpoints converted to that naming load as well.
 Input: RGB in [-1, 1] -> [0, 1] -> ImageNet mean/std (optionally resized to `resolution`). BatchNorm stays in
 eval mode. Keys: ``global``, ``norm_x`` (of the input) and the 7 keys of each stage output
-``resnet_layer{1..4}`` (`drift.features.map_features`).
+``resnet_layer{1..4}`` (`drift.features.base.map_features`).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from drift.encoders.convnext import IMAGENET_MEAN, IMAGENET_STD
-from drift.features import FeatureExtractor, base_features, map_features
+from drift.features.base import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, base_features, map_features
+from drift.features.weights import load_into
 
 
 class TVResNetFeatures(FeatureExtractor):
@@ -39,7 +39,7 @@ class TVResNetFeatures(FeatureExtractor):
             h = F.interpolate(h, size=(self.resolution,) * 2, mode="bilinear", align_corners=False,
                               antialias=h.shape[-1] > self.resolution)
         n = self.net
-        h = h.contiguous()  # channels-last input + 1x1 stride-2 conv backward is broken on CPU (see mae_resnet)
+        h = h.contiguous()  # channels-last input + 1x1 stride-2 conv backward is broken on CPU (see mae_resnet.py)
         h = n.maxpool(n.relu(n.bn1(n.conv1(h))))
         for i in range(1, 5):
             h = getattr(n, f"layer{i}")(h)
@@ -55,7 +55,6 @@ def build_tv_resnet(name: str, weights=None, *, device=None):
         net = getattr(torchvision.models, name)(weights=None)  # never downloads
     net.fc = torch.nn.Identity()  # the classifier is not a feature; file keys fc.* are ignored
     if weights is not None:
-        from drift.encoders.weights import load_into
         load_into(net, weights, ignore_prefixes=("fc.",))
     return net
 

@@ -20,18 +20,17 @@ definition of this one key is not public, so this is our reading).
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drift.features import FeatureExtractor, base_features, per_location
+from drift.features.base import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, base_features, per_location
+from drift.features.weights import WeightsError, load_into, read_weights, strip_prefixes
 
 BASE_DEPTHS = (3, 3, 27, 3)
 BASE_DIMS = (128, 256, 512, 1024)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STANDARDIZE_EPS = 1e-3  # official per-location standardization eps
 STD_EPS = 1e-6
 
@@ -164,7 +163,7 @@ class ConvNeXtFeatures(FeatureExtractor):
             shrink = h.shape[-1] > self.resolution or h.shape[-2] > self.resolution
             h = F.interpolate(h, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False,
                               antialias=shrink)
-        return h.contiguous()  # keep the convs in NCHW whatever the caller's layout (see mae_resnet)
+        return h.contiguous()  # keep the convs in NCHW whatever the caller's layout (see mae_resnet.py)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         out = base_features(x) if self.with_base else {}
@@ -180,19 +179,44 @@ class ConvNeXtFeatures(FeatureExtractor):
         return out
 
 
-def build_convnext(weights=None, *, depths=BASE_DEPTHS, dims=BASE_DIMS, device=None) -> ConvNeXtV2:
-    """ConvNeXt-V2 (Base by default) with weights from a local file (see module docstring); random if None."""
-    from drift.encoders.weights import load_into, read_weights, strip_prefixes
-    with torch.device(device or "cpu"):
-        model = ConvNeXtV2(depths, dims)
+def convnext_arch(sd: Dict[str, torch.Tensor]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(depths, dims) of a ConvNeXt-V2 state_dict in the transformers layout (prefix already stripped)."""
+    blocks: Dict[int, set] = {}
+    dims: Dict[int, int] = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if len(parts) > 5 and parts[:2] == ["encoder", "stages"] and parts[3] == "layers":
+            stage, layer = int(parts[2]), int(parts[4])
+            blocks.setdefault(stage, set()).add(layer)
+            if parts[5] == "dwconv" and parts[-1] == "weight":
+                dims[stage] = int(v.shape[0])
+    stages = sorted(blocks)
+    if not stages or stages != list(range(len(stages))) or sorted(dims) != stages:
+        raise WeightsError("cannot read the ConvNeXt-V2 architecture off the weights: expected keys "
+                           "encoder.stages.<i>.layers.<j>.dwconv.weight for consecutive stages")
+    return tuple(len(blocks[i]) for i in stages), tuple(dims[i] for i in stages)
+
+
+def build_convnext(weights=None, *, depths=None, dims=None, device=None) -> ConvNeXtV2:
+    """ConvNeXt-V2 with weights from a local file (see module docstring), random if None.
+
+    The architecture is read off the file unless `depths`/`dims` are given (then the file must match);
+    without a file it defaults to Base."""
+    sd = None
     if weights is not None:
         sd, _ = read_weights(weights)
         sd = strip_prefixes(sd, ("convnextv2.",))
+        file_depths, file_dims = convnext_arch(sd)
+        depths = file_depths if depths is None else depths
+        dims = file_dims if dims is None else dims
+    with torch.device(device or "cpu"):
+        model = ConvNeXtV2(BASE_DEPTHS if depths is None else depths, BASE_DIMS if dims is None else dims)
+    if sd is not None:
         load_into(model, weights, sd, ignore_prefixes=("classifier.",))
     return model
 
 
 def build_convnext_features(weights=None, *, device=None, with_base=False, resolution=224,
-                            depths=BASE_DEPTHS, dims=BASE_DIMS) -> ConvNeXtFeatures:
+                            depths=None, dims=None) -> ConvNeXtFeatures:
     return ConvNeXtFeatures(build_convnext(weights, depths=depths, dims=dims, device=device),
                             resolution=resolution, with_base=with_base).freeze()

@@ -1,16 +1,16 @@
 """Demo metrics on tiny synthetic data: Fréchet distance, IDX reading, the classifier and the evaluator.
 
-    pytest -q tests/test_metrics.py
+    pytest -q tests/test_demo_metrics.py
 """
 import gzip
-import struct
 
 import numpy as np
 import pytest
 import torch
 
-from drift.metrics import (DemoEvaluator, class_mean_images, feature_stats, frechet_distance, read_idx,
-                           train_classifier)
+from drift.demo_metrics import (DemoEvaluator, class_mean_images, feature_stats, frechet_distance, load_idx_split,
+                                train_classifier)
+from tests.data_fixtures import synthetic_fashion, write_fake_idx_dir
 
 
 def _sqrtm_fd(mu1, s1, mu2, s2):
@@ -47,54 +47,26 @@ def test_fd_matches_closed_form_and_scipy():
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
-def write_idx(path, arr, gz=True):
-    codes = {np.uint8: 0x08}
-    header = bytes([0, 0, codes[arr.dtype.type], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    data = header + arr.tobytes()
-    if gz:
-        with gzip.open(path + ".gz", "wb") as f:
-            f.write(data)
-    else:
-        with open(path, "wb") as f:
-            f.write(data)
-
-
-def test_read_idx_round_trip_and_errors(tmp_path):
-    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    write_idx(str(tmp_path / "a"), arr, gz=True)
-    write_idx(str(tmp_path / "b"), arr, gz=False)
-    assert np.array_equal(read_idx(str(tmp_path / "a")), arr)  # finds a.gz
-    assert np.array_equal(read_idx(str(tmp_path / "b")), arr)
-    (tmp_path / "c").write_bytes(open(tmp_path / "b", "rb").read()[:-5])
-    with pytest.raises(ValueError, match="truncated"):
-        read_idx(str(tmp_path / "c"))
-    (tmp_path / "d").write_bytes(b"\x01\x02\x03\x04")
-    with pytest.raises(ValueError, match="not an IDX file"):
-        read_idx(str(tmp_path / "d"))
-    with pytest.raises(FileNotFoundError, match="nope"):
-        read_idx(str(tmp_path / "nope"))
-
-
-def synthetic_fashion(n, seed):
-    """28x28 'classes': a bright bar whose position encodes the class, plus noise (images in [-1, 1])."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 4
-    x = -torch.ones(n, 1, 28, 28)
-    for c in range(4):
-        x[labels == c, :, 2 + 6 * c:8 + 6 * c, 4:24] = 0.9
-    x = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
-    return x, labels
-
-
-def write_fake_idx_dir(root, n_train=256, n_test=128):
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n, seed, (img, lbl) in (("train", n_train, 0, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")),
-                                       ("test", n_test, 1, ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))):
-        x, y = synthetic_fashion(n, seed)
-        u8 = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        write_idx(str(root / img), u8)
-        write_idx(str(root / lbl), y.numpy().astype(np.uint8))
-    return root
+def test_load_idx_split_reads_plain_and_gz_and_names_bad_files(tmp_path):
+    # The demo reads IDX files with drift-prep's reader (data_prep.images.read_idx), located by find_idx_pair.
+    data = write_fake_idx_dir(tmp_path / "idx", n_train=16, n_test=8)
+    x, y = load_idx_split(str(data), "train")
+    assert x.shape == (16, 1, 28, 28) and y.dtype == torch.int64 and -1.0 <= float(x.min()) <= float(x.max()) <= 1.0
+    sx, sy = synthetic_fashion(16, 0)
+    assert torch.allclose(x, ((sx + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1.0) and torch.equal(y, sy)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):  # uncompressed copies
+        (raw / name).write_bytes(gzip.decompress((data / (name + ".gz")).read_bytes()))
+    x2, y2 = load_idx_split(str(raw), "train")
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    (raw / "train-images-idx3-ubyte").write_bytes((raw / "train-images-idx3-ubyte").read_bytes()[:-5])
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte"):
+        load_idx_split(str(raw), "train")
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        load_idx_split(str(raw), "test")
+    with pytest.raises(ValueError, match="split"):
+        load_idx_split(str(raw), "val")
 
 
 def test_classifier_and_evaluator_on_synthetic_classes(tmp_path):

@@ -1,4 +1,4 @@
-"""Demo metrics (SPEC §8): class accuracy and a Fréchet distance in the features of a small classifier.
+"""Demo metrics (the `make demo` scores): class accuracy and a Fréchet distance in the features of a small classifier.
 
 No external weights: a small CNN (`DemoClassifier`) is trained once on the demo dataset's train split
 (Fashion-MNIST, 28x28 grayscale, 10 classes) with a fixed seed and cached as a `.pt` state dict. Its
@@ -13,9 +13,7 @@ Images everywhere are float tensors in [-1, 1], shape [N, 1, 28, 28]; labels are
 """
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
@@ -23,47 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-
-
-# ---------------------------------------------------------------------------------------------------
-# IDX files (MNIST / Fashion-MNIST format)
-# ---------------------------------------------------------------------------------------------------
-
-def read_idx(path: str) -> np.ndarray:
-    """Read an IDX file (optionally gzipped; `path` may omit the `.gz`) into a numpy array."""
-    candidates = [path] if path.endswith(".gz") else [path, path + ".gz"]
-    found = next((p for p in candidates if os.path.exists(p)), None)
-    if found is None:
-        raise FileNotFoundError(f"IDX file not found: {path} (also tried {path}.gz)")
-    opener = gzip.open if found.endswith(".gz") else open
-    with opener(found, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{found} is not an IDX file (bad magic number)")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    code, ndim = data[2], data[3]
-    if code not in dtypes:
-        raise ValueError(f"{found}: unknown IDX data type 0x{code:02x}")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    dtype = np.dtype(dtypes[code])
-    count = int(np.prod(dims)) if ndim else 0
-    offset = 4 + 4 * ndim
-    if len(data) - offset < count * dtype.itemsize:
-        raise ValueError(f"{found} is truncated: expected {count} items of shape {dims}")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(dims)
-
+from data_prep.images import find_idx_pair, read_idx
 
 def load_idx_split(data_dir: str, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Images in [-1, 1] as float32 [N, 1, H, W] and int64 labels [N] of the `split` ("train"|"test")."""
-    if split not in IDX_FILES:
-        raise ValueError(f"split must be one of {sorted(IDX_FILES)}, got {split!r}")
-    img_name, lbl_name = IDX_FILES[split]
-    images = read_idx(os.path.join(data_dir, img_name))
-    labels = read_idx(os.path.join(data_dir, lbl_name))
+    img_path, lbl_path = find_idx_pair(data_dir, split)  # the IDX reader drift-prep packs with
+    images, labels = read_idx(img_path), read_idx(lbl_path)
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"{data_dir}: {split} images {images.shape} and labels {labels.shape} do not match")
     x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / 127.5 - 1.0

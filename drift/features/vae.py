@@ -15,8 +15,8 @@ from typing import Dict
 import torch
 from torch import nn
 
-from drift.encoders.weights import WeightsError
-from drift.features import FeatureExtractor
+from drift.features.base import FeatureExtractor
+from drift.features.weights import WeightsError
 
 VAE_SCALE = 0.18215  # SD-VAE latent scale (official: sd-vae-ft-mse, scale 0.18215)
 

@@ -17,17 +17,19 @@ Classification fine-tune: a linear head on the globally pooled (normalized) laye
 
 `MAEFeatures` turns the encoder into a feature extractor: ``global`` (the raw input), ``norm_x`` (RMS of
 the patchified input) and the 7 keys of each of the 12 maps: 86 keys for the official layout.
+`build_mae_encoder` builds the encoder from a weights file (architecture from the file) or from options.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drift.features import FeatureExtractor, base_features, map_features
+from drift.features.base import FeatureExtractor, base_features, map_features, patchify, unpatchify
+from drift.features.weights import WeightsError, load_into, read_weights
 
 MASK_RATIO = 0.5   # official: fixed
 MASK_PATCH = 2     # 2x2 patches of the 32x32 grid
@@ -47,27 +49,6 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups(channels), channels, eps=1e-5)
-
-
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, C*p*p, H/p, W/p]; channel order (c, i, j) within a patch."""
-    if p == 1:
-        return x
-    n, c, h, w = x.shape
-    if h % p or w % p:
-        raise ValueError(f"input spatial size {h}x{w} is not divisible by patch_size={p}")
-    x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4)
-    return x.reshape(n, c * p * p, h // p, w // p)
-
-
-def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Inverse of `patchify`."""
-    if p == 1:
-        return x
-    n, cpp, hp, wp = x.shape
-    c = cpp // (p * p)
-    x = x.reshape(n, c, p, p, hp, wp).permute(0, 1, 4, 2, 5, 3)
-    return x.reshape(n, c, hp * p, wp * p)
 
 
 class BasicBlock(nn.Module):
@@ -317,9 +298,40 @@ class MAEFeatures(FeatureExtractor):
         return out
 
 
-def count_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+def _mae_config(preset: Optional[str], file_cfg: Optional[dict], path, **kw) -> MAEConfig:
+    """The architecture: the weights file's own config when it has one (options must then agree with it),
+    otherwise the preset ("latent" / "pixel" / None) updated by the options that are not None."""
+    given = {k: v for k, v in kw.items() if v is not None}
+    if "layers" in given:
+        given["layers"] = tuple(int(n) for n in given["layers"])
+    if file_cfg is not None:
+        cfg = MAEConfig.from_dict(file_cfg)
+        for k, v in given.items():  # user options must agree with what the file was trained with
+            if getattr(cfg, k) != v:
+                raise WeightsError(f"weights file {path} was trained with {k}={getattr(cfg, k)!r}, "
+                                   f"but {k}={v!r} was requested")
+        return cfg
+    base = dict(MAE_PRESETS.get(preset, {}))
+    base.update(given)
+    return MAEConfig(**base)
 
 
-__all__ = ["MAEConfig", "MAE_PRESETS", "MAEResNet", "MAEResNetEncoder", "MAEFeatures", "patchify", "unpatchify",
-           "random_patch_mask", "masked_l2", "num_groups", "count_params"]
+def build_mae_encoder(weights=None, *, preset: Optional[str] = None, width=None, in_channels=None,
+                      patch_size=None, layers=None, num_classes=None, device=None) -> MAEResNetEncoder:
+    """An MAE-ResNet encoder, loaded from `weights` (a `drift-mae` checkpoint/export or a bare encoder
+    state_dict) when given. Options not stored in the file default to the preset ("latent" / "pixel")."""
+    sd, file_cfg = (None, None) if weights is None else read_weights(weights)
+    cfg = _mae_config(preset, file_cfg, weights, width=width, in_channels=in_channels, patch_size=patch_size,
+                      layers=layers, num_classes=num_classes)
+    with torch.device(device or "cpu"):
+        enc = MAEResNetEncoder(cfg)
+    if sd is not None:
+        has_full = any(k.startswith(("encoder.", "_orig_mod.encoder.", "module.encoder.")) for k in sd)
+        load_into(enc, weights, sd, select="encoder." if has_full else None)
+    return enc
+
+
+def build_mae_model(cfg: MAEConfig, device=None) -> MAEResNet:
+    """A randomly initialized `MAEResNet` (encoder, decoder, head) built directly on `device`."""
+    with torch.device(device or "cpu"):
+        return MAEResNet(cfg)
