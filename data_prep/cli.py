@@ -4,12 +4,15 @@
     drift-prep idx SRC OUT [--split train|test] [--class-names a,b,...]   # MNIST-format IDX files, gz or not
     drift-prep verify OUT [--workers 8]
 
-Output (SPEC §7): OUT/shard-%06d.tar (uncompressed, pre-shuffled), OUT/shard-%06d.idx (DALI wds index),
+Output: OUT/shard-%06d.tar (uncompressed, pre-shuffled), OUT/shard-%06d.idx (DALI wds index),
 OUT/manifest.json. Rerunning the same command after an interruption keeps the finished shards.
 Without --size, 8-bit L/RGB JPEGs and PNGs without alpha or EXIF rotation are stored byte-exact; anything else
 a decoder might misread (CMYK, 16-bit, palette, alpha, EXIF-rotated, other formats) is re-encoded once and
 listed under "normalized" in the manifest; unreadable or broken files are listed under "rejected".
-Exit status: 0 on success, 1 when verify finds problems, 2 on bad arguments or unreadable input.
+Every file and directory met under SRC is packed or rejected with a reason; symlinks are followed, and a
+directory reached twice (a symlink loop) is rejected on its second visit (see data_prep/pack.py).
+Exit status: 0 on success, 1 when verify finds problems, 2 on bad arguments or unreadable input (one
+`drift-prep: error: ...` line; add `--debug` anywhere for the traceback).
 """
 from __future__ import annotations
 
@@ -61,10 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("latents", help="encode a shard set into SD-VAE latent shards (both flips): "
                                    "drift-prep latents SRC OUT --vae DIR (see data_prep/latents.py)")
     p = sub.add_parser("verify", help="check every shard of OUT against its manifest and decode every image")
-    p.add_argument("out")
-    p.add_argument("--workers", type=_positive, default=max(1, min(8, os.cpu_count() or 1)))
+    p.add_argument("out", help="directory written by drift-prep imagefolder|idx|latents")
+    p.add_argument("--workers", type=_positive, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="processes checking shards in parallel")
     p.add_argument("--no-decode", action="store_true", help="skip decoding images (hashes and structure only)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
 
@@ -74,8 +78,10 @@ def _settings(a) -> packmod.Settings:
 
 
 def _summary(m: dict, out: str, t0: float) -> None:
+    dirs = sum(1 for r in m["rejected"] if r.get("kind") == "directory")
     print(f"drift-prep: {m['num_samples']} samples in {len(m['shards'])} shard(s), {m['num_classes']} classes, "
-          f"{len(m['rejected'])} rejected of {m['files_seen']} files seen -> {out} ({time.time() - t0:.1f} s)")
+          f"{len(m['rejected']) - dirs} rejected of {m['files_seen']} files seen, {dirs} rejected of "
+          f"{m.get('dirs_seen', 0)} directories seen -> {out} ({time.time() - t0:.1f} s)")
     for r in m["rejected"][:20]:
         print(f"  rejected {r['path']}: {r['reason']}")
     if len(m["rejected"]) > 20:
@@ -87,16 +93,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["latents"]:  # SD-VAE latent caching has its own parser (needs torch + diffusers)
         from data_prep.latents import main as latents_main
         return latents_main(argv[1:])
+    debug = "--debug" in argv
+    argv = [x for x in argv if x != "--debug"]
     a = build_parser().parse_args(argv)
     t0 = time.time()
     try:
+        if a.cmd in ("imagefolder", "idx") and os.path.exists(a.out) and not os.path.isdir(a.out):
+            raise NotADirectoryError(f"OUT {a.out!r} exists and is not a directory")
         if a.cmd == "imagefolder":
             src_real, out_real = os.path.realpath(a.src), os.path.realpath(a.out)
             if out_real == src_real or out_real.startswith(src_real + os.sep):
                 raise ValueError(f"OUT {a.out!r} must not be inside SRC {a.src!r} (it would be scanned as a class)")
-            classes, cands, rejected, seen = packmod.scan_imagefolder(a.src)
-            m = packmod.pack(a.out, classes, cands, _settings(a), source_kind="imagefolder", source=a.src,
-                             scan_rejected=rejected, files_seen=seen)
+            scan = packmod.scan_imagefolder(a.src)
+            m = packmod.pack(a.out, scan.classes, scan.candidates, _settings(a), source_kind="imagefolder",
+                             source=a.src, scan_rejected=scan.rejected, files_seen=scan.files_seen,
+                             dirs_seen=scan.dirs_seen)
             _summary(m, a.out, t0)
         elif a.cmd == "idx":
             names = None
@@ -116,8 +127,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"drift-prep verify: {len(problems)} problem(s) in {a.out}", file=sys.stderr)
                 return 1
             print(f"drift-prep verify: {a.out} OK ({time.time() - t0:.1f} s)")
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        print(f"drift-prep: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # bad arguments, unreadable or unwritable paths: the user's to fix
+        if debug:
+            raise
+        msg = str(e) or type(e).__name__
+        if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+            msg = f"{msg}: {e.filename}"
+        print(f"drift-prep: error: {msg}", file=sys.stderr)
         return 2
     return 0
 

@@ -8,6 +8,13 @@ any order; the price is that shards with rejected files hold slightly fewer than
 Progress lives in `OUT/.drift-prep-progress.json`: a fingerprint of the inputs and settings, plus one record per
 finished shard (sha256 of the tar and the index, counts, rejects). A shard is trusted on rerun only if the
 fingerprint matches and the file on disk still hashes to the recorded value.
+
+Nothing met is skipped silently: every file under an ImageFolder SRC is packed or listed under `rejected` with a
+reason, and every directory is walked or listed there with `"kind": "directory"` (one that cannot be listed,
+say). Symlinks are followed, to files and to directories alike; a directory reached a second time (a symlink
+loop, or two links to one directory) is rejected on that visit with the path it was first scanned as, so the
+walk ends and no image is packed twice. The manifest counts `files_seen` and `dirs_seen`, and
+`num_samples + rejected files == files_seen` is checked before a shard is written and again for the manifest.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import stat
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -63,43 +71,103 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def scan_imagefolder(src: str) -> Tuple[List[str], List[Candidate], List[dict], int]:
-    """ImageNet layout SRC/<class>/**/<file>. Returns (classes, candidates, scan rejects, files seen).
+@dataclass
+class Scan:
+    """What `scan_imagefolder` met: every file is a candidate or in `rejected`, every directory is walked or in
+    `rejected` (with "kind": "directory"), so `files_seen == len(candidates) + rejected files`."""
+    classes: List[str]
+    candidates: List[Candidate]
+    rejected: List[dict]
+    files_seen: int
+    dirs_seen: int
 
-    Classes are the sorted names of the sub-directories of SRC, empty ones included, so that the class map of
-    train/ and val/ agree. Files outside a class folder and hidden files are counted and rejected with a reason.
+
+def _dir_id(path: str) -> Tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def scan_imagefolder(src: str) -> Scan:
+    """ImageNet layout SRC/<class>/**/<file> → `Scan` (classes, candidates, rejects with reasons, counts).
+
+    Classes are the sorted names of the non-hidden sub-directories of SRC (symlinks to directories included),
+    empty ones included, so that the class map of train/ and val/ agree. Every entry met below SRC is counted
+    and either becomes a candidate or is rejected with a reason: files outside a class folder, hidden files,
+    hidden directories at the top level, non-regular files (FIFOs, sockets, devices: opening one could block
+    forever), entries whose type cannot be read (a symlink loop, a permission error), and directories that
+    cannot be listed (their content is unknown, so the directory itself is the rejected entry). Symlinked
+    directories are followed; a directory already walked (a symlink loop, or two links to one directory) is
+    rejected on its second visit, so nothing is packed twice and the walk ends.
     """
     if not os.path.isdir(src):
         raise FileNotFoundError(f"SRC {src!r} is not a directory")
-    classes, rejected, seen = [], [], 0
+    classes, rejected, seen, dirs = [], [], 0, 0
+
+    def reject(rel, reason, directory=False):
+        rejected.append({"path": _printable(rel), "reason": reason, **({"kind": "directory"} if directory else {})})
+
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
-        if entry.is_dir(follow_symlinks=True):
-            if not entry.name.startswith("."):
-                classes.append(entry.name)
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError as e:
+            seen += 1
+            reject(entry.name, f"unreadable: {type(e).__name__}: {e.strerror or e}")
+            continue
+        if is_dir and entry.name.startswith("."):
+            dirs += 1
+            reject(entry.name, "hidden directory (not a class)", directory=True)
+        elif is_dir:
+            classes.append(entry.name)
         else:
             seen += 1
-            rejected.append({"path": _printable(entry.name), "reason": "not inside a class folder"})
+            reject(entry.name, "not inside a class folder")
     if not classes:
         raise ValueError(f"SRC {src!r} has no class sub-directories (expected SRC/<class>/<image files>)")
+    visited: Dict[Tuple[int, int], str] = {_dir_id(src): "."}  # (device, inode) of every directory walked
     cands: List[Candidate] = []
     for label, cname in enumerate(classes):
-        root = os.path.join(src, cname)  # the exact directory name; the manifest gets a printable one
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: rejected.append(
-                {"path": _printable(os.path.relpath(e.filename, src)),
-                 "reason": f"unreadable directory: {e.strerror}"})):
-            dirnames.sort()
-            for fn in filenames:
-                files.append(os.path.join(dirpath, fn))
-        for path in sorted(files):
-            rel = _printable(os.path.relpath(path, src))
-            seen += 1
-            if os.path.basename(path).startswith("."):
-                rejected.append({"path": rel, "reason": "hidden file"})
+        files: List[str] = []
+        stack = [os.path.join(src, cname)]  # exact directory names; the manifest gets printable ones
+        while stack:
+            d = stack.pop()
+            rel_d = os.path.relpath(d, src)
+            dirs += 1
+            try:
+                key = _dir_id(d)
+                if key in visited:
+                    reject(rel_d, f"directory already scanned as {_printable(visited[key])!r} (symlink loop or "
+                                  f"second link to one directory)", directory=True)
+                    continue
+                visited[key] = rel_d
+                with os.scandir(d) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                reject(rel_d, f"unreadable directory: {type(e).__name__}: {e.strerror or e}", directory=True)
                 continue
+            subdirs = []
+            for e in entries:
+                rel = os.path.join(rel_d, e.name)
+                try:
+                    st = os.stat(e.path)  # follows symlinks: a link is judged by what it points to
+                except OSError as err:
+                    seen += 1
+                    reject(rel, f"unreadable: {type(err).__name__}: {err.strerror or err}")
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(e.path)
+                    continue
+                seen += 1
+                if not stat.S_ISREG(st.st_mode):
+                    reject(rel, "not a regular file (FIFO, socket or device)")
+                elif e.name.startswith("."):
+                    reject(rel, "hidden file")
+                else:
+                    files.append(e.path)
+            stack.extend(reversed(subdirs))  # depth-first in name order: the first visit of a directory is stable
+        for path in sorted(files):
             stem = os.path.splitext(os.path.basename(path))[0]
-            cands.append(Candidate(rel, label, stem, path))
-    return [_printable(c) for c in classes], cands, rejected, seen
+            cands.append(Candidate(_printable(os.path.relpath(path, src)), label, stem, path))
+    return Scan([_printable(c) for c in classes], cands, rejected, seen, dirs)
 
 
 def scan_idx(src: str, split: str, class_names: Optional[Sequence[str]] = None):
@@ -275,14 +343,25 @@ def resume_records(out_dir: str, fingerprint: str, log, who: str) -> Dict[str, d
 
 def pack(out_dir: str, classes: List[str], cands: List[Candidate], settings: Settings, *,
          source_kind: str, source: str, scan_rejected: Sequence[dict] = (), files_seen: Optional[int] = None,
-         idx_images: Optional[np.ndarray] = None, log: Callable[[str], None] = print) -> dict:
-    """Shuffle `cands` with the seed, write shards (keeping finished ones from an earlier run), write the manifest."""
+         dirs_seen: int = 0, idx_images: Optional[np.ndarray] = None, log: Callable[[str], None] = print) -> dict:
+    """Shuffle `cands` with the seed, write shards (keeping finished ones from an earlier run), write the manifest.
+
+    The scan's counts are checked before any shard is written; the manifest's own count check runs after the
+    shards exist, so when it fails the manifest is still written (with `consistency_error` set) before the error
+    is raised: what was packed is always on record.
+    """
     from tqdm import tqdm
 
     if settings.shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {settings.shard_size}")
     if settings.size is not None and settings.size < 1:
         raise ValueError(f"--size must be >= 1, got {settings.size}")
+    scan_files_rejected = sum(1 for r in scan_rejected if r.get("kind") != "directory")
+    if files_seen is None:
+        files_seen = len(cands) + scan_files_rejected
+    if len(cands) + scan_files_rejected != files_seen:  # a scan bug: refuse before writing anything
+        raise RuntimeError(f"internal: {len(cands)} candidates + {scan_files_rejected} rejected by the scan != "
+                           f"{files_seen} files seen; nothing written to {out_dir!r}")
     os.makedirs(out_dir, exist_ok=True)
     width = schema.cls_width(len(classes))
     fingerprint = hashlib.sha256(json.dumps({
@@ -369,9 +448,12 @@ def pack(out_dir: str, classes: List[str], cands: List[Candidate], settings: Set
             pool.join()
         _WORKER.clear()
 
-    manifest = _manifest(classes, records, n_shards, settings, source_kind, source, scan_rejected,
-                         len(cands) + len(scan_rejected) if files_seen is None else files_seen, width)
-    schema.write_json_atomic(os.path.join(out_dir, schema.MANIFEST_NAME), manifest)
+    manifest = _manifest(classes, records, n_shards, settings, source_kind, source, scan_rejected, files_seen,
+                         dirs_seen, width)
+    manifest_path = os.path.join(out_dir, schema.MANIFEST_NAME)
+    schema.write_json_atomic(manifest_path, manifest)
+    if "consistency_error" in manifest:
+        raise RuntimeError(f"{manifest_path}: {manifest['consistency_error']} (the manifest lists what was packed)")
     # shards of an earlier layout in this directory (other --shard-size, fewer files) would confuse readers
     # that glob; only names in our own shard pattern are touched
     keep = {n for s in manifest["shards"] for n in (s["name"], s["index"])}
@@ -389,7 +471,8 @@ def _stat(path) -> Tuple[int, int]:
         return -1, -1
 
 
-def _manifest(classes, records, n_shards, settings, source_kind, source, scan_rejected, files_seen, width):
+def _manifest(classes, records, n_shards, settings, source_kind, source, scan_rejected, files_seen, dirs_seen,
+              width):
     shards, rejected, normalized = [], list(scan_rejected), []
     class_counts = [0] * len(classes)
     modes, exts, actions, sizes = Counter(), Counter(), Counter(), Counter()
@@ -405,10 +488,9 @@ def _manifest(classes, records, n_shards, settings, source_kind, source, scan_re
             shards.append({"name": rec["name"], "num_samples": rec["num_samples"], "sha256": rec["sha256"],
                            "index": schema.index_name(rec["name"]), "index_sha256": rec["index_sha256"]})
     num_samples = sum(s["num_samples"] for s in shards)
-    if num_samples + len(rejected) != files_seen:  # the bookkeeping promise of SPEC §10; a bug if it breaks
-        raise AssertionError(f"internal: {num_samples} samples + {len(rejected)} rejected != {files_seen} seen")
+    files_rejected = sum(1 for r in rejected if r.get("kind") != "directory")
     only_size = next(iter(sizes)) if len(sizes) == 1 else None
-    return {
+    m = {
         "format_version": schema.FORMAT_VERSION,
         "source_kind": source_kind,
         "source": os.path.abspath(source),
@@ -418,6 +500,7 @@ def _manifest(classes, records, n_shards, settings, source_kind, source, scan_re
         "class_counts": class_counts,
         "empty_classes": [c for c, n in zip(classes, class_counts) if n == 0],
         "files_seen": files_seen,
+        "dirs_seen": dirs_seen,
         "shards": shards,
         "rejected": rejected,
         "normalized": normalized,  # files whose bytes were re-encoded (all others are stored byte-exact)
@@ -434,3 +517,7 @@ def _manifest(classes, records, n_shards, settings, source_kind, source, scan_re
         "quality": settings.quality,
         "created_by": "drift-prep",
     }
+    if num_samples + files_rejected != files_seen:  # every file seen is packed or rejected; a bug if it breaks
+        m["consistency_error"] = (f"internal: {num_samples} samples + {files_rejected} rejected files != "
+                                  f"{files_seen} files seen")
+    return m

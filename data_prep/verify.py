@@ -3,7 +3,8 @@
 Checks per shard: the file exists, its sha256 and sample count match the manifest, the tar parses, every sample
 has exactly one image (`jpg|png`) and one `cls` member under a valid dot-free key, the label is in range, the
 image decodes completely, and the index file equals the one rebuilt from the tar. Problems are collected (not
-raised one at a time) so that one run names every bad shard and sample.
+raised one at a time) so that one run names every bad shard and sample. The manifest itself must add up: samples
+plus rejected files equal `files_seen`, and no `consistency_error` was recorded by drift-prep.
 """
 from __future__ import annotations
 
@@ -125,4 +126,11 @@ def verify(root: str, workers: int = 1, decode: bool = True, progress: bool = Tr
             pool.join()
     if "class_counts" in manifest and not problems and totals != manifest["class_counts"]:
         problems.append(f"{schema.MANIFEST_NAME}: class_counts {manifest['class_counts']} != counted {totals}")
+    if "consistency_error" in manifest:  # drift-prep recorded that its own bookkeeping failed
+        problems.append(f"{schema.MANIFEST_NAME}: {manifest['consistency_error']}")
+    elif isinstance(manifest.get("files_seen"), int):
+        files_rejected = sum(1 for r in manifest["rejected"] if r.get("kind") != "directory")
+        if manifest["num_samples"] + files_rejected != manifest["files_seen"]:
+            problems.append(f"{schema.MANIFEST_NAME}: {manifest['num_samples']} samples + {files_rejected} "
+                            f"rejected files != files_seen {manifest['files_seen']}")
     return problems

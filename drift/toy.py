@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
+from drift.cli import run_main
 from drift.loss import drifting_loss
 
 INITS = ("between", "far", "collapsed")
@@ -332,8 +333,9 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="drift-toy", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="outputs/toy", help="output directory")
     ap.add_argument("--steps", type=_positive_int, default=None,
                     help="Adam steps per (target, init) run (default: %s)" %
@@ -342,11 +344,11 @@ def main(argv=None) -> int:
     ap.add_argument("--per-row", type=_positive_int, default=128, help="generated and target samples per problem")
     ap.add_argument("--temperatures", default=",".join(map(str, TOY_TEMPERATURES)),
                     help="comma-separated R_list (see the module docstring for why the toy default is broader)")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate of the generator")
     ap.add_argument("--lr-decay-frac", type=float, default=0.3,
                     help="fraction of the steps at the end over which the LR decays linearly to 0")
     ap.add_argument("--hidden", type=_positive_int, default=256, help="generator MLP width")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generator init, noise and target samples")
     ap.add_argument("--backend", default="auto", help="drifting-field backend: auto | reference | cpp | triton")
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ",".join(TARGETS))
     ap.add_argument("--inits", default=",".join(INITS), help="comma-separated subset of " + ",".join(INITS))
@@ -401,6 +403,11 @@ def main(argv=None) -> int:
                    "hidden": args.hidden, "runs": metrics}, f, indent=2)
     print(f"wrote {args.out}/toy_evolution.png, toy_loss.png, toy_metrics.json in {time.time() - t0:.0f}s")
     return 0
+
+
+def main(argv=None) -> int:
+    """User errors are one `drift-toy: error: ...` line and exit code 2 (`--debug`: the traceback)."""
+    return run_main(_main, argv, prog="drift-toy")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 Fashion-MNIST-like IDX directory for the demo metrics."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
 import struct
+import threading
 from typing import Dict, Optional
 
 import numpy as np
@@ -106,6 +108,61 @@ def make_bad_imagefolder(root: str, seed: int = 0) -> Dict[str, Optional[str]]:
     os.symlink(os.path.join(root, "does-not-exist.JPEG"), os.path.join(root, "alpha", "dangling.JPEG"))
     cases["alpha/dangling.JPEG"] = "rejected:unreadable"
     return cases
+
+
+@contextlib.contextmanager
+def unreadable_dir(path: str):
+    """Make directory `path` unlistable while the block runs: chmod 000, or, where that does not stop this
+    process (root ignores permission bits), make `os.scandir`/`os.listdir` of it raise PermissionError the way
+    the kernel would. The directory is restored afterwards so that tmp_path clean-up works."""
+    target = os.path.realpath(path)
+    mode = os.stat(path).st_mode
+    os.chmod(path, 0)
+    try:
+        os.listdir(path)
+        blocked = False
+    except PermissionError:
+        blocked = True
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def guard(real):
+        def call(p=".", *args):
+            if isinstance(p, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(p)) == target:
+                raise PermissionError(13, "Permission denied", os.fsdecode(p))
+            return real(p, *args)
+        return call
+
+    if not blocked:
+        os.scandir, os.listdir = guard(real_scandir), guard(real_listdir)
+    try:
+        yield
+    finally:
+        os.scandir, os.listdir = real_scandir, real_listdir
+        os.chmod(path, mode)
+
+
+@contextlib.contextmanager
+def fifo_with_eof_writer(path: str):
+    """A FIFO at `path`. A thread keeps offering a writer that closes at once, so a reader that opens it gets EOF
+    instead of blocking forever (code that wrongly opens a FIFO as an image fails a test rather than hanging)."""
+    os.mkfifo(path)
+    stop = threading.Event()
+
+    def offer():
+        while not stop.is_set():
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only while a reader waits
+            except OSError:
+                pass
+            stop.wait(0.02)
+
+    t = threading.Thread(target=offer, daemon=True)
+    t.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        t.join()
 
 
 def write_idx(path: str, arr: np.ndarray, gz: bool) -> str:

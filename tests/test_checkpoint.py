@@ -64,21 +64,96 @@ def test_interrupted_write_leaves_previous_checkpoint(run_dir, tmp_path):
     assert t.step == 4
 
 
-@pytest.mark.parametrize("victim, content, match", [
-    ("model.pt", b"not a torch file", "model.pt is corrupt"),
-    ("rank00000.pt", b"", "rank00000.pt is corrupt"),
-    ("meta.json", b"{broken", "meta.json is corrupt"),
-])
-def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(run_dir, tmp_path, victim, content, match):
+def _copy(run_dir, tmp_path):
     import shutil
     out = tmp_path / "copy"
     shutil.copytree(run_dir, out)
-    d = ckpt.latest_checkpoint(str(out))
-    open(os.path.join(d, victim), "wb").write(content)
+    return out, [os.path.join(ckpt.ckpt_root(str(out)), ckpt.step_name(s)) for s in (3, 4)]
+
+
+@pytest.mark.parametrize("victim, content, match", [
+    ("model.pt", b"not a torch file", r"model.pt is corrupt or unreadable: 16 bytes where meta.json records \d+"),
+    ("rank00000.pt", b"", r"rank00000.pt is corrupt or unreadable: 0 bytes"),
+    ("meta.json", b"{broken", "meta.json is corrupt"),
+])
+def test_corrupt_checkpoint_is_named_and_auto_falls_back(run_dir, tmp_path, capsys, victim, content, match):
+    out, (older, newest) = _copy(run_dir, tmp_path)
+    open(os.path.join(newest, victim), "wb").write(content)
     before = _digest(out)
-    with pytest.raises(ckpt.CheckpointError, match=match):
+    with pytest.raises(ckpt.CheckpointError, match=match):  # asked for by name: a clear error
+        Trainer(_cfg(out, max_steps=6), resume=newest, loader_factory=loader_factory(X, Y))
+    assert _digest(out) == before
+    t = Trainer(_cfg(out, max_steps=6), resume="auto", loader_factory=loader_factory(X, Y))
+    assert t.step == 3  # --resume auto: the newest checkpoint that verifies
+    printed = capsys.readouterr().out
+    assert "skipping step_0000004" in printed and victim in printed
+    t.close()
+    assert _digest(out) == before  # nothing overwritten
+
+
+def test_meta_lists_every_file_with_size_and_sha256(run_dir):
+    d = ckpt.latest_checkpoint(str(run_dir))
+    files = ckpt.read_meta(d)["files"]
+    assert sorted(files) == ["model.pt", "optim.pt", "rank00000.pt"]
+    for name, rec in files.items():
+        data = open(os.path.join(d, name), "rb").read()
+        assert rec == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("damage", ["swap", "truncate"])
+def test_swapped_or_truncated_file_is_detected(run_dir, tmp_path, capsys, damage):
+    """A same-shape model.pt from another step loads fine as a state dict; only the recorded hash tells."""
+    import shutil
+    out, (older, newest) = _copy(run_dir, tmp_path)
+    if damage == "swap":
+        shutil.copyfile(os.path.join(older, "model.pt"), os.path.join(newest, "model.pt"))
+        victim, match = "model.pt", "sha256 .* differs from meta.json"
+    else:
+        data = open(os.path.join(newest, "optim.pt"), "rb").read()
+        open(os.path.join(newest, "optim.pt"), "wb").write(data[: len(data) // 2])
+        victim, match = "optim.pt", "truncated or replaced"
+    with pytest.raises(ckpt.CheckpointError, match=f"{victim}.*{match}"):
+        ckpt.load_checkpoint(newest, 0)
+    with pytest.raises(ckpt.CheckpointError, match=victim):
+        Trainer(_cfg(out, max_steps=6), resume=newest, loader_factory=loader_factory(X, Y))
+    t = Trainer(_cfg(out, max_steps=6), resume="auto", loader_factory=loader_factory(X, Y))
+    assert t.step == 3 and f"skipping step_0000004: checkpoint file {os.path.join(newest, victim)}" in \
+        capsys.readouterr().out
+    t.close()
+    if damage == "swap":
+        with pytest.raises(ckpt.CheckpointError, match="model.pt"):
+            ckpt.load_for_sampling(newest)
+
+
+def test_newest_complete_checkpoint_wins_over_a_stale_pointer(run_dir, tmp_path):
+    out, (older, newest) = _copy(run_dir, tmp_path)
+    with open(os.path.join(ckpt.ckpt_root(str(out)), "latest"), "w") as f:
+        f.write("step_0000003\n")  # killed between the rename of step 4 and the pointer update
+    assert ckpt.latest_checkpoint(str(out)) == newest
+    t = Trainer(_cfg(out, max_steps=6), resume="auto", loader_factory=loader_factory(X, Y))
+    assert t.step == 4
+    t.close()
+
+
+def test_every_checkpoint_corrupt_is_an_error_naming_each(run_dir, tmp_path):
+    out, dirs = _copy(run_dir, tmp_path)
+    for d in dirs:
+        open(os.path.join(d, "optim.pt"), "ab").write(b"x")
+    before = _digest(out)
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint .* verifies: step_0000004: .*step_0000003: "):
         Trainer(_cfg(out, max_steps=6), resume="auto", loader_factory=loader_factory(X, Y))
     assert _digest(out) == before
+
+
+def test_checkpoint_without_hashes_still_loads_and_says_so(run_dir, tmp_path, capsys):
+    out, (older, newest) = _copy(run_dir, tmp_path)
+    meta = json.load(open(os.path.join(newest, "meta.json")))
+    del meta["files"]  # as written before hashes were recorded
+    json.dump(meta, open(os.path.join(newest, "meta.json"), "w"))
+    t = Trainer(_cfg(out, max_steps=6), resume="auto", loader_factory=loader_factory(X, Y))
+    printed = capsys.readouterr().out
+    assert t.step == 4 and "has no file hashes" in printed and "loading it unverified" in printed
+    t.close()
 
 
 def test_checkpoint_of_another_config_is_refused(run_dir, tmp_path):
@@ -99,3 +174,16 @@ def test_missing_resume_path_is_a_clear_error(tmp_path):
         Trainer(_cfg(tmp_path / "r"), resume=str(tmp_path / "nope"), loader_factory=loader_factory(X, Y))
     with pytest.raises(ckpt.CheckpointError, match="not a checkpoint"):
         ckpt.read_meta(str(tmp_path))
+
+
+def test_malformed_file_list_is_a_clear_error(run_dir, tmp_path):
+    out, (older, newest) = _copy(run_dir, tmp_path)
+    meta = json.load(open(os.path.join(newest, "meta.json")))
+    meta["files"]["model.pt"] = {"size": "big"}
+    json.dump(meta, open(os.path.join(newest, "meta.json"), "w"))
+    with pytest.raises(ckpt.CheckpointError, match="malformed entry for model.pt"):
+        ckpt.load_checkpoint(newest, 0)
+    meta["files"] = ["model.pt"]
+    json.dump(meta, open(os.path.join(newest, "meta.json"), "w"))
+    with pytest.raises(ckpt.CheckpointError, match="'files' must map file names"):
+        ckpt.verify_checkpoint(newest)

@@ -11,7 +11,8 @@ from PIL import Image
 from data_prep import pack as packmod
 from data_prep.cli import main
 from drift import schema
-from tests.data_fixtures import make_bad_imagefolder, make_idx, make_imagefolder, write_idx
+from tests.data_fixtures import (fifo_with_eof_writer, make_bad_imagefolder, make_idx, make_imagefolder,
+                                 unreadable_dir, write_idx)
 
 
 def read_shards(out):
@@ -256,3 +257,118 @@ def test_undecodable_file_names(tmp_path):
     assert main(["imagefolder", str(src), str(tmp_path / "out"), "--workers", "1", "--quiet"]) == 0
     m = schema.read_manifest(str(tmp_path / "out"))
     assert m["num_samples"] == 3 and m["classes"] == ["a", "cl\ufffdss"] and m["class_counts"] == [2, 1]
+
+
+def _accounted(m):
+    """The manifest's bookkeeping: every file seen is packed or rejected; returns the rejects by path."""
+    files = [r for r in m["rejected"] if r.get("kind") != "directory"]
+    assert m["num_samples"] + len(files) == m["files_seen"]
+    return {r["path"]: r for r in m["rejected"]}
+
+
+def test_unreadable_subdirectory_is_rejected_not_a_crash(tmp_path):
+    """A directory that cannot be listed is one rejected entry (its files are unknown); the run finishes with a
+    manifest instead of an internal assertion after the shards were written."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_imagefolder(str(src), per_class=2)  # cat, dog, fish
+    make_imagefolder(str(src / "dog"), classes=("locked",), per_class=2, seed=1)
+    with unreadable_dir(str(src / "dog" / "locked")):
+        assert main(["imagefolder", str(src), str(out), "--workers", "1", "--quiet"]) == 0
+    m = schema.read_manifest(str(out))
+    rejected = _accounted(m)
+    locked = rejected[os.path.join("dog", "locked")]
+    assert locked["kind"] == "directory" and "unreadable directory" in locked["reason"]
+    assert m["num_samples"] == 6 and m["files_seen"] == 6 and m["dirs_seen"] == 4
+    assert m["class_counts"] == [2, 2, 2]
+
+
+def test_unreadable_class_directory_is_an_empty_class(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_imagefolder(str(src), per_class=2)
+    with unreadable_dir(str(src / "fish")):
+        assert main(["imagefolder", str(src), str(out), "--workers", "1", "--quiet"]) == 0
+    m = schema.read_manifest(str(out))
+    assert _accounted(m)["fish"]["kind"] == "directory" and m["empty_classes"] == ["fish"]
+    assert m["classes"] == ["cat", "dog", "fish"] and m["num_samples"] == 4
+
+
+def test_symlinked_directories_are_followed_once(tmp_path):
+    """A symlinked sub-directory inside a class folder is walked (its images are packed under that class); a link
+    back to an ancestor (a loop) and a second link to an already walked directory are rejected with the path
+    that was scanned first; a hidden top-level directory is rejected rather than skipped."""
+    src, out, extra = tmp_path / "src", tmp_path / "out", tmp_path / "extra"
+    make_imagefolder(str(src), per_class=2)
+    make_imagefolder(str(extra), classes=("more",), per_class=3, seed=2)
+    os.symlink(extra / "more", src / "cat" / "linked")
+    os.symlink("..", src / "dog" / "loop")          # dog/loop -> src: the walk would never end
+    os.symlink(src / "cat", src / "fish" / "cats")  # a second way into cat/
+    make_imagefolder(str(src / ".cache"), classes=("x",), per_class=1, seed=3)
+    assert main(["imagefolder", str(src), str(out), "--workers", "1", "--quiet"]) == 0
+    m = schema.read_manifest(str(out))
+    rejected = _accounted(m)
+    assert m["classes"] == ["cat", "dog", "fish"] and m["class_counts"] == [5, 2, 2] and m["num_samples"] == 9
+    assert "already scanned as '.'" in rejected[os.path.join("dog", "loop")]["reason"]
+    assert "already scanned as 'cat'" in rejected[os.path.join("fish", "cats")]["reason"]
+    assert "hidden directory" in rejected[".cache"]["reason"]
+    assert all(r["kind"] == "directory" for r in rejected.values())
+    _, samples = read_shards(str(out))
+    packed = {v[2] for v in samples.values()}
+    assert all((extra / "more" / f).read_bytes() in packed for f in os.listdir(extra / "more"))
+    os.symlink("self", src / "cat" / "self")  # a link to itself cannot even be stat'ed (ELOOP)
+    assert main(["imagefolder", str(src), str(tmp_path / "out2"), "--workers", "1", "--quiet"]) == 0
+    reason = _accounted(schema.read_manifest(str(tmp_path / "out2")))[os.path.join("cat", "self")]["reason"]
+    assert "unreadable" in reason
+
+
+def test_fifo_is_rejected_without_opening_it(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_imagefolder(str(src), per_class=1)
+    with fifo_with_eof_writer(str(src / "cat" / "pipe.JPEG")):
+        assert main(["imagefolder", str(src), str(out), "--workers", "1", "--quiet"]) == 0
+    rejected = _accounted(schema.read_manifest(str(out)))
+    assert "not a regular file" in rejected[os.path.join("cat", "pipe.JPEG")]["reason"]
+
+
+def test_count_mismatch_refused_before_writing(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_imagefolder(str(src), per_class=2)
+    scan = packmod.scan_imagefolder(str(src))
+    with pytest.raises(RuntimeError, match="nothing written"):
+        packmod.pack(str(out), scan.classes, scan.candidates, packmod.Settings(progress=False),
+                     source_kind="imagefolder", source=str(src), scan_rejected=scan.rejected,
+                     files_seen=scan.files_seen + 1)
+    assert not out.exists() or not any(f.endswith(".tar") for f in os.listdir(out))
+
+
+def test_count_mismatch_after_writing_still_writes_the_manifest(tmp_path):
+    """A failed final count check (here forced by a progress record edited by hand) leaves a manifest that says
+    what was packed and what went wrong, then raises."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_bad_imagefolder(str(src))
+    args = ["imagefolder", str(src), str(out), "--shard-size", "50", "--workers", "1", "--quiet"]
+    assert main(args) == 0
+    progress = out / packmod.PROGRESS_NAME
+    rec = json.loads(progress.read_text())
+    rec["shards"]["shard-000000.tar"]["rejected"].pop()
+    progress.write_text(json.dumps(rec))
+    os.remove(out / "manifest.json")
+    with pytest.raises(RuntimeError, match="manifest lists what was packed"):
+        main(args)
+    m = json.loads((out / "manifest.json").read_text())
+    assert "rejected files" in m["consistency_error"] and m["num_samples"] > 0 and m["shards"]
+    assert main(["verify", str(out), "--quiet"]) == 1  # verify reports it too
+
+
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_imagefolder(str(src), per_class=1)
+    (tmp_path / "afile").write_text("x")
+    assert main(["imagefolder", str(src), str(tmp_path / "afile"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("drift-prep: error: ") and "afile" in err
+    with unreadable_dir(str(src)):
+        assert main(["imagefolder", str(src), str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Permission denied" in err and "src" in err
+    with pytest.raises(NotADirectoryError):  # --debug: the traceback instead of the one line
+        main(["imagefolder", str(src), str(tmp_path / "afile"), "--quiet", "--debug"])
