@@ -51,7 +51,9 @@ setup(
             "drift-prep=data_prep.cli:main",
             "drift-train=drift.train:main",
             "drift-sample=drift.sample:main",
+            "drift-eval=drift.evaluate:main",
             "drift-mae=drift.mae_train:main",
+            "drift-convert=drift.convert:main",
         ]
     },
 )

@@ -4,8 +4,11 @@ One alpha per class label per step, shared by that label's N_neg generated sampl
 
     "power"    p(alpha) ~ alpha^-k on [cfg_min, cfg_max], inverse CDF: with e = 1 - k and u ~ U(0, 1),
                alpha = (cfg_min^e + u (cfg_max^e - cfg_min^e))^(1/e)   (k = 1: log-uniform)
-    "mixed"    alpha = 1 with probability no_cfg_frac, otherwise the power law (L/2: 50% at 1, k = 3)
+    "mixed"    the same as "power" (the name the L/2 preset uses for its 50% at alpha = 1)
     "uniform"  alpha ~ U(cfg_min, cfg_max)
+
+then, whatever the sampler, alpha = 1 with probability no_cfg_frac (official: `cfg = where(u2 < no_cfg_frac,
+1, cfg)` after the power law, its only sampler; L/2: no_cfg_frac 0.5, k = 3).
 
 The label's unconditional reals enter its drifting field with the CFG weight `cfg_weight` (official
 `train.py`): w = (alpha - 1)(N_neg - 1)/N_unc, so alpha = 1 turns the CFG term off.
@@ -50,8 +53,7 @@ def sample_alpha(n: int, *, dist: str = "power", cfg_min: float = 1.0, cfg_max: 
         a = cfg_min + u[0] * (cfg_max - cfg_min)
     else:
         a = power_law_icdf(u[0], cfg_min, cfg_max, neg_cfg_pw)
-        if dist == "mixed":
-            a = torch.where(u[1] < no_cfg_frac, torch.ones_like(a), a)
+    a = torch.where(u[1] < no_cfg_frac, torch.ones_like(a), a)
     return a.float()
 
 

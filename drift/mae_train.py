@@ -9,9 +9,11 @@ augmented images are encoded by the SD-VAE (a posterior sample x 0.18215) and th
 (the "latent-MAE"); a `drift-prep latents` directory as --data trains on the cached latents (random flip
 only: a cheaper approximation of the official recipe); otherwise the MAE trains on pixels patchified ``patch_size`` x ``patch_size`` ("pixel-MAE"). Each step
 zeroes every 2x2 patch of the 32x32 (patchified) grid with probability 0.5 and minimizes the l2 error on the
-masked region (sum / count). AdamW(0.9, 0.95), lr 4e-3, wd 0.01, linear warmup then constant, EMA 0.9995.
-The last ``cls_ft_steps`` steps add the classification fine-tune: a linear head on pooled layer4, loss
-lambda * CE + (1 - lambda) * recon with lambda ramping 0 -> cls_weight over ``cls_ramp_steps``.
+masked region (per sample: squared error summed over masked positions and channels / masked positions, as the
+official loss). AdamW(0.9, 0.95), lr 4e-3, wd 0.01, linear warmup then constant, gradient-norm clip 2.0,
+EMA 0.9995. The last ``cls_ft_steps`` steps add the classification fine-tune: a linear head on pooled layer4,
+loss lambda * CE + (1 - lambda) * recon with lambda = cls_weight * min(1, (step - start) / cls_ramp_steps)
+from 0 at the first fine-tune step (official).
 
 Outputs in --out: ``config.json`` (resolved config), ``log.jsonl`` (one JSON object per logged step: step,
 loss, recon, ce, acc, lr, cls_weight, mask_frac, img_per_s), checkpoints ``checkpoints/step_XXXXXXX/`` in the
@@ -37,7 +39,9 @@ from drift import checkpoint as ckpt
 from drift.dist import all_reduce_mean, cleanup_distributed, init_distributed, print0
 from drift.ema import EMA
 from drift.features.mae_resnet import MAEConfig, MAEResNet, random_patch_mask
-from drift.tracking import init_tracking
+from drift.cli import run_main
+from drift.runlock import RunLock
+from drift.tracking import cut_log, init_tracking
 
 
 @dataclass
@@ -61,7 +65,7 @@ class MAETrainConfig:
     beta2: float = 0.95             # AdamW beta2
     warmup_steps: int = 4000        # linear warmup from 1e-6, then constant
     ema_decay: float = 0.9995       # EMA of the weights; the exported encoder is the EMA
-    max_grad_norm: float = 0.0      # global-norm clip; 0 = off (the official recipe does not clip)
+    max_grad_norm: float = 2.0      # global gradient-norm clip (official 2.0); 0 = off
     # --- classification fine-tune (the last cls_ft_steps of `steps`)
     cls_ft_steps: int = 0           # 3000 for the system-level encoders, 0 for the ablation default
     cls_weight: float = 0.1         # final lambda of lambda * CE + (1 - lambda) * recon
@@ -78,7 +82,7 @@ class MAETrainConfig:
     device: str = "auto"            # auto | cpu | cuda
     threads: int = 0                # torch intra-op threads on CPU (0 = torch default)
     wandb: str = "disabled"         # online | offline | disabled
-    wandb_project: str = "drift-mae"
+    wandb_project: str = "drift-mae"  # wandb project name
     progress: bool = True           # tqdm progress bar with ETA on rank 0
 
 
@@ -139,6 +143,8 @@ def validate(cfg: MAETrainConfig) -> None:
         raise ValueError(f"--cls-ft-steps must be in [0, steps={cfg.steps}], got {cfg.cls_ft_steps}")
     if not 0.0 <= cfg.cls_weight <= 1.0:
         raise ValueError(f"--cls-weight must be in [0, 1], got {cfg.cls_weight}")
+    if not cfg.max_grad_norm >= 0.0:
+        raise ValueError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.precision not in ("auto", "bf16", "fp32"):
@@ -167,13 +173,12 @@ def lr_at(cfg: MAETrainConfig, step: int) -> float:
 
 
 def cls_weight_at(cfg: MAETrainConfig, step: int) -> float:
-    """0 before the fine-tune phase; then a linear ramp to cfg.cls_weight over cls_ramp_steps."""
+    """lambda of 0-based `step`: 0 before the fine-tune phase (the last cls_ft_steps steps), then the official
+    ramp cls_weight * min(1, (step - start) / max(1, cls_ramp_steps)), which is 0 at the phase's first step."""
     start = cfg.steps - cfg.cls_ft_steps
     if cfg.cls_ft_steps == 0 or step < start:
         return 0.0
-    if cfg.cls_ramp_steps <= 0:
-        return cfg.cls_weight
-    return cfg.cls_weight * min(1.0, (step - start + 1) / cfg.cls_ramp_steps)
+    return cfg.cls_weight * min(1.0, (step - start) / max(1, cfg.cls_ramp_steps))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -188,12 +193,21 @@ def _arch_fields(cfg: MAETrainConfig) -> dict:
 # ------------------------------------------------------------------------------------------------ training
 
 def train(cfg: MAETrainConfig) -> dict:
-    """Run (or resume) MAE pretraining; returns the last logged metrics."""
+    """Run (or resume) MAE pretraining; returns the last logged metrics. The output directory is locked for the
+    run's whole life (drift/runlock.py): a second run on it is refused before it touches any file."""
+    validate(cfg)
+    info = init_distributed(cfg.device)
+    lock = RunLock.acquire(cfg.out, info, log=print0)
+    try:
+        return _train(cfg, info)
+    finally:
+        lock.release()
+
+
+def _train(cfg: MAETrainConfig, info) -> dict:
     from drift.data import open_loader
     from drift.schema import read_manifest
 
-    validate(cfg)
-    info = init_distributed(cfg.device)
     dev, rank, world, is_main = info.device, info.rank, info.world_size, info.is_main
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}")
@@ -260,7 +274,7 @@ def train(cfg: MAETrainConfig) -> dict:
                             dir=cfg.out, is_main=is_main)
     log_path = os.path.join(cfg.out, "log.jsonl")
     if is_main:
-        _truncate_log(log_path, step)  # a fresh run starts an empty log; a resumed one drops lines past its step
+        cut_log(log_path, step + 1)  # a fresh run starts an empty log; a resumed one drops lines past its step
     bar = None
     if is_main and cfg.progress:
         from tqdm import tqdm
@@ -371,23 +385,10 @@ def _restore(path, cfg, mcfg, world, rank, model, ema, opt, loader, gen, dev) ->
     return int(meta["step"])
 
 
-def _truncate_log(path: str, step: int) -> None:
-    """Drop log lines past `step` (written after the checkpoint by an interrupted run; all of them at step 0)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
+def _main(argv: List[str]) -> int:
     try:
         cfg = parse_cli(argv)
         last = train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"drift-mae: error: {e}", file=sys.stderr)
-        return 2
     except FloatingPointError as e:
         print(str(e), file=sys.stderr)
         return 1
@@ -397,6 +398,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print0(f"drift-mae: step {last['step']} loss {last['loss']:.4f} recon {last['recon']:.4f} -> "
                f"{os.path.join(cfg.out, 'mae_encoder.pt')}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """User errors (bad flags, missing files, a checkpoint that does not fit, a run directory in use) are one
+    `drift-mae: error: ...` line and exit code 2; `--debug` shows the traceback."""
+    return run_main(_main, argv, prog="drift-mae")
 
 
 if __name__ == "__main__":

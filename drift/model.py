@@ -128,8 +128,12 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         if self.attn_fp32:
-            # official `attn_fp32: true` (ablation and pixel configs): softmax in fp32 even under bf16 autocast
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(v.dtype)
+            # official `attn_fp32: true` (ablation and pixel configs): attention in fp32 even under bf16 autocast.
+            # Autocast would cast fp32 inputs of SDPA back to bf16 (it is on its lower-precision list), so it is
+            # turned off around the call.
+            with torch.autocast(_autocast_device(q.device), enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            out = out.to(v.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(N, T, D)  # (N, T, D)
@@ -294,7 +298,9 @@ class DriftDiT(nn.Module):
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """Official init: xavier-uniform Linears with zero bias, N(0, 0.02) embeddings, sin-cos positions,
-        unit RMSNorm scales, and zeros for every adaLN projection and the output layer (adaLN-zero)."""
+        unit RMSNorm scales, and zeros for every adaLN projection and the output layer (adaLN-zero). The alpha
+        embedder's two Linears are N(0, 0.02) (official `weight_init="normal"`); the fused SwiGLU up-projection
+        w12 is initialized as the official two separate Linears W1, W3 (dim -> hidden each)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -303,6 +309,13 @@ class DriftDiT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+        for block in self.blocks:
+            # xavier over each half's own [hidden, dim] shape: the fused [2*hidden, dim] bound would be narrower
+            # (std 0.0203 instead of the official 0.0266 at width 768).
+            for half in block.mlp.w12.weight.chunk(2, dim=0):
+                nn.init.xavier_uniform_(half)
+        for linear in (self.alpha_embedder.mlp[0], self.alpha_embedder.mlp[2]):
+            nn.init.normal_(linear.weight, std=0.02)
         pos = get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)
         self.pos_embed.copy_(pos.to(self.pos_embed.dtype).unsqueeze(0))
         nn.init.normal_(self.cls_embed, std=0.02)

@@ -63,6 +63,30 @@ def test_convnext_features_values():
                                torch.tensor([0.229, 0.224, 0.225]))
 
 
+def test_convnext_standardization_and_global_std_are_official():
+    torch.manual_seed(0)
+    m = ConvNeXtV2(**TINY_CNX)
+    f = ConvNeXtFeatures(m, resolution=64).freeze()  # the last stage is 2x2: a std over 4 locations
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    feats = f(x)
+    stages, _ = m(f.preprocess(x))
+    for i, y in enumerate(stages):
+        y = y.double()
+        mu = y.mean(dim=1, keepdim=True)
+        std = y.std(dim=1, keepdim=True, unbiased=False)
+        z = (y - mu) / (std + 1e-3)  # official normalize: eps added to the std, not to the variance
+        z_loc = z.flatten(2).transpose(1, 2)  # [N, HW, C]
+        if i > 0:
+            torch.testing.assert_close(feats[f"convnext_stage{i}"].double(), z_loc, rtol=1e-5, atol=1e-5)
+        ref_std = torch.sqrt(z_loc.var(dim=1, unbiased=False) + 1e-6)  # official safe_std over locations
+        torch.testing.assert_close(feats[f"convnext_stage{i}_std"][:, 0].double(), ref_std, rtol=1e-5, atol=1e-5)
+    # global_std: the std over locations of the *standardized* last stage (official), not of the raw one
+    torch.testing.assert_close(feats["convnext_global_std"], feats["convnext_stage3_std"])
+    raw = stages[-1].double().flatten(2)
+    raw_std = torch.sqrt(raw.var(dim=2, unbiased=False) + 1e-6)
+    assert not torch.allclose(feats["convnext_global_std"][:, 0].double(), raw_std, rtol=1e-2)
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_convnext_loads_transformers_style_file(tmp_path, fmt):
     torch.manual_seed(1)

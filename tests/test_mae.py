@@ -45,10 +45,12 @@ def test_official_w640_has_86_keys_with_official_shapes(space):
 
 def test_group_counts():
     assert num_groups(640) == 32 and num_groups(256) == 32 and num_groups(64) == 32
-    assert num_groups(8) == 4 and num_groups(12) == 6 and num_groups(40) == 20 and num_groups(1) == 1
+    # official `_choose_gn_groups`: min(32, C), lowered until it divides C (one channel per group below 32)
+    assert num_groups(8) == 8 and num_groups(12) == 12 and num_groups(40) == 20 and num_groups(1) == 1
+    assert num_groups(48) == 24 and num_groups(96) == 32 and num_groups(1920) == 32
     m = MAEResNetEncoder(MAEConfig(width=64))
     gns = [mod for mod in m.modules() if isinstance(mod, torch.nn.GroupNorm)]
-    assert gns and all(g.num_groups == 32 for g in gns)
+    assert gns and all(g.num_groups == 32 and g.eps == 1e-6 for g in gns)  # Flax GroupNorm's epsilon
     assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())
 
 
@@ -83,8 +85,16 @@ def test_masked_loss_ignores_unmasked_predictions():
     assert torch.equal(masked_l2(pred2, target, mask), loss)
     pred3 = pred + mask * 1.0
     assert masked_l2(pred3, target, mask) != loss
-    ref = ((pred - target) ** 2 * mask).sum() / (mask.sum() * 3)
-    torch.testing.assert_close(loss, ref)
+    # official: per sample, squared error summed over masked positions and channels / masked positions
+    per_sample = [((pred[i] - target[i]) ** 2 * mask[i]).sum() / mask[i].sum() for i in range(2)]
+    torch.testing.assert_close(loss, (per_sample[0] + per_sample[1]) / 2)
+    # C times the per-element mean when the samples have equal masked counts
+    same = torch.ones(2, 1, 8, 8)
+    torch.testing.assert_close(masked_l2(pred, target, same), 3 * (pred - target).square().mean())
+    # a sample without masked positions contributes 0 (official: +1e-8 in the denominator)
+    none = mask.clone()
+    none[1] = 0
+    torch.testing.assert_close(masked_l2(pred, target, none), per_sample[0] / 2)
 
 
 def test_model_loss_only_sees_masked_input_and_decoder_shapes():
@@ -173,7 +183,8 @@ def test_drift_mae_runs_resumes_exactly_and_exports(tmp_path, tiny_shards):
     assert main(_mae_args(tiny_shards, out)) == 0
     full = _log(out)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
-    assert [r["cls_weight"] for r in full] == [0.0, 0.0, 0.05, 0.1]  # ramp over the last 2 steps
+    # official ramp (step - start) / warmup over the last 2 steps: 0 at the phase's first step
+    assert [r["cls_weight"] for r in full] == [0.0, 0.0, 0.0, 0.05]
     assert all(r["ce"] > 0 and 0.3 < r["mask_frac"] < 0.7 for r in full)
     cfg = parse_cli(_mae_args(tiny_shards, out))
     assert lr_at(cfg, 0) == pytest.approx(1e-6) and lr_at(cfg, 1) == pytest.approx((4e-3 + 1e-6) / 2)
@@ -256,3 +267,47 @@ def test_drift_mae_nonfinite_loss_writes_crash_checkpoint(tmp_path, tiny_shards,
     assert "non-finite loss nan at step 1" in capsys.readouterr().err
     assert os.path.isfile(os.path.join(out, "checkpoints", "crash_step_0000001", "model.pt"))
     assert not os.path.exists(os.path.join(out, "mae_encoder.pt"))
+
+
+def test_initialization_is_flax_lecun_normal():
+    torch.manual_seed(0)
+    model = MAEResNet(MAEConfig(width=64, in_channels=4, patch_size=1, num_classes=10)).requires_grad_(False)
+    for name, w in [("encoder.stages.0.blocks.0.conv1", model.encoder.stages[0].blocks[0].conv1.weight),
+                    ("encoder.stages.3.blocks.1.conv2", model.encoder.stages[3].blocks[1].conv2.weight),
+                    ("decoder.ups.0.convs.0.0", model.decoder.ups[0].convs[0][0].weight),
+                    ("head", model.head.weight)]:
+        # jax lecun_normal: a unit normal truncated to [-2, 2], scaled to variance exactly 1 / fan_in
+        fan_in = w[0].numel()
+        assert abs(float(w.std()) * fan_in ** 0.5 - 1.0) < 0.03, name
+        assert float(w.abs().max()) <= 2.0 / 0.87962566103423978 / fan_in ** 0.5 + 1e-7, name
+    assert float(model.decoder.out.bias.abs().max()) == 0.0 and float(model.head.bias.abs().max()) == 0.0
+    gn = model.encoder.stem[1]
+    assert torch.equal(gn.weight, torch.ones(64)) and torch.equal(gn.bias, torch.zeros(64))
+
+
+def test_drift_mae_clips_at_two_and_ramps_from_zero():
+    from drift.mae_train import MAETrainConfig, cls_weight_at, parse_cli
+    cfg = parse_cli(["--data", "d"])
+    assert cfg.max_grad_norm == 2.0  # official train_mae.py: clip_by_global_norm(2.0)
+    with pytest.raises(ValueError, match="--max-grad-norm"):
+        parse_cli(["--data", "d", "--max-grad-norm", "-1"])
+    c = MAETrainConfig(data="d", steps=100, cls_ft_steps=10, cls_ramp_steps=4, cls_weight=0.1)
+    # official: finetune_cls * min(1, (step - start) / max(1, warmup)), start = steps - cls_ft_steps
+    assert [cls_weight_at(c, s) for s in (89, 90, 91, 93, 94, 99)] == \
+        [0.0, 0.0, pytest.approx(0.025), pytest.approx(0.075), 0.1, 0.1]
+    c0 = MAETrainConfig(data="d", steps=100, cls_ft_steps=10, cls_ramp_steps=0, cls_weight=0.1)
+    assert [cls_weight_at(c0, s) for s in (90, 91)] == [0.0, 0.1]
+
+
+def test_group_norm_of_single_values_gives_the_bias():
+    # one channel per group on a 1x1 map of one sample: torch's GroupNorm refuses it, Flax returns the bias
+    from drift.features.mae_resnet import group_norm
+    gn = group_norm(8)
+    assert gn.num_groups == 8
+    with torch.no_grad():
+        gn.bias.copy_(torch.randn(8))
+    x = torch.randn(1, 8, 1, 1)
+    torch.testing.assert_close(gn(x), gn.bias.view(1, 8, 1, 1))
+    # torch's own path (two samples) agrees up to its rounding of x - mean(x) over one value
+    torch.testing.assert_close(gn(torch.cat([x, torch.randn(1, 8, 1, 1)]))[:1], gn(x), atol=1e-4, rtol=0)
+    assert torch.isnan(gn(torch.full((1, 8, 1, 1), float("nan")))).all()

@@ -246,3 +246,53 @@ def test_sincos_pos_embed_layout():
     assert torch.allclose(pe[0], torch.tensor([0, 0, 1, 1, 0, 0, 1, 1.0], dtype=torch.float64))
     assert torch.allclose(pe[1], torch.tensor([s1, s2, c1, c2, 0, 0, 1, 1], dtype=torch.float64))
     assert torch.allclose(pe[2], torch.tensor([0, 0, 1, 1, s1, s2, c1, c2], dtype=torch.float64))
+
+
+def test_initialization_follows_the_official_layers():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        m = DRIFT_MODELS["DriftDiT-B/2"]()
+    m.to_empty(device="cpu")
+    m.initialize_weights()
+    # SwiGLU: the official W1 and W3 are separate xavier-uniform Linears 768 -> 2048 (std 0.0266); one xavier
+    # over the fused [4096, 768] matrix would give std 0.0203
+    w = m.blocks[0].mlp.w12.weight.detach()
+    xavier_std = math.sqrt(2.0 / (768 + 2048))
+    bound = math.sqrt(6.0 / (768 + 2048))
+    for half in w.chunk(2, dim=0):
+        assert abs(float(half.std()) - xavier_std) / xavier_std < 0.01 and float(half.abs().max()) <= bound
+    assert xavier_std == pytest.approx(0.0266, abs=1e-4)
+    # the alpha embedder's Linears: official weight_init="normal" -> N(0, 0.02), zero bias
+    for linear in (m.alpha_embedder.mlp[0], m.alpha_embedder.mlp[2]):
+        weight = linear.weight.detach()
+        assert abs(float(weight.std()) - 0.02) < 0.0005 and float(weight.abs().max()) > 0.06  # normal, not uniform
+        assert float(linear.bias.detach().abs().max()) == 0.0
+
+
+def test_attn_fp32_runs_attention_in_fp32_under_bf16_autocast(monkeypatch):
+    # The official `attn_fp32` keeps attention in fp32 under bf16 autocast. Autocast casts SDPA's inputs to bf16,
+    # so the upcast alone is undone; the module must switch autocast off around the call.
+    import drift.model as model_mod
+    from drift.model import Attention
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        out = real(q, k, v, *a, **kw)
+        seen.append((q, k, v, out))
+        return out
+
+    monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    errs = {}
+    for fp32 in (True, False):
+        attn = Attention(64, 4, attn_fp32=fp32)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attn(x, *rope_tables(16, 16, "cpu"))
+        q, k, v, out = seen[0]
+        qf, kf, vf = (t.double() for t in (q, k, v))
+        ref = torch.softmax(qf @ kf.transpose(-1, -2) / math.sqrt(qf.shape[-1]), dim=-1) @ vf
+        errs[fp32] = (out.double() - ref).abs().max().item()
+    assert errs[True] < 1e-5 < errs[False], errs  # fp32 attention vs what bf16 autocast would give

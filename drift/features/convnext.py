@@ -11,12 +11,18 @@ downsampling). Its state_dict names match the `transformers` ConvNextV2 checkpoi
   keys without the ``convnextv2.`` prefix, as saved by ConvNextV2Model, work too);
 * or a ``torch.save`` of `ConvNeXtV2.state_dict()`.
 
-Features (`ConvNeXtFeatures`, official recipe): x in [-1, 1] -> [0, 1] -> ImageNet mean/std -> bilinear
-resize to 224 (antialiased when shrinking, like jax.image.resize) -> the 4 stage outputs, each standardized per
-location over channels (eps 1e-3). Keys (13): per-location ``convnext_stage{1,2,3}``; ``convnext_stage{0..3}_mean``
-and ``_std`` (over locations); ``convnext_global_mean`` (the final LayerNorm of the pooled last stage, as the
-classifier sees it) and ``convnext_global_std`` (the std over locations of the last stage output; the official
-definition of this one key is not public, so this is our reading).
+Features (`ConvNeXtFeatures`, official `get_activations`): x in [-1, 1] -> [0, 1] -> ImageNet mean/std ->
+bilinear resize to 224 (antialiased when shrinking, like jax.image.resize) -> the 4 stage outputs, each
+standardized per location over channels as (y - mean) / (std + 1e-3). Keys (13), ours -> official name:
+
+    convnext_stage{1,2,3}          per-location vectors        convenxt_stage_{1,2,3}       (sic)
+    convnext_stage{0..3}_mean/_std over locations             convenxt_stage_{0..3}_mean/_std
+    convnext_global_mean           final LayerNorm of the      global_mean
+                                   pooled raw last stage
+    convnext_global_std            std over locations of the   global_std
+                                   standardized last stage     (the same values as convenxt_stage_3_std)
+
+Stds over locations are sqrt(var + 1e-6) (official `safe_std`).
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from drift.features.weights import WeightsError, load_into, read_weights, strip_
 
 BASE_DEPTHS = (3, 3, 27, 3)
 BASE_DIMS = (128, 256, 512, 1024)
-STANDARDIZE_EPS = 1e-3  # official per-location standardization eps
+STANDARDIZE_EPS = 1e-3  # official: added to the per-location std (not to the variance)
 STD_EPS = 1e-6
 
 
@@ -127,10 +133,11 @@ class ConvNeXtV2(nn.Module):
 
 
 def _standardize(f: torch.Tensor) -> torch.Tensor:
+    """Per location over channels: (f - mean) / (std + 1e-3), std the biased one (official `normalize`)."""
     f = f.float()
     mu = f.mean(dim=1, keepdim=True)
-    var = (f - mu).square().mean(dim=1, keepdim=True)
-    return (f - mu) / torch.sqrt(var + STANDARDIZE_EPS)
+    std = (f - mu).square().mean(dim=1, keepdim=True).sqrt()
+    return (f - mu) / (std + STANDARDIZE_EPS)
 
 
 def _mean_std_hw(f: torch.Tensor):
@@ -175,7 +182,8 @@ class ConvNeXtFeatures(FeatureExtractor):
                 out[f"{p}_stage{i}"] = per_location(z)
             out[f"{p}_stage{i}_mean"], out[f"{p}_stage{i}_std"] = _mean_std_hw(z)
         out[f"{p}_global_mean"] = pooled.float().unsqueeze(1)
-        out[f"{p}_global_std"] = _mean_std_hw(stages[-1].float())[1]
+        # official: the std of the *standardized* last stage, i.e. the last stage's _std key once more
+        out[f"{p}_global_std"] = out[f"{p}_stage{len(stages) - 1}_std"].clone()
         return out
 
 

@@ -4,7 +4,8 @@ Encoder (`MAEResNetEncoder`):
   patchify p x p (p=1 for 32x32x4 SD-VAE latents, p=8 for 256x256x3 pixels -> 32x32x192)
   -> stem: 3x3 conv (stride 1) + GroupNorm + ReLU                                   -> map ``conv1``
   -> 4 stages of basic blocks [3, 4, 6, 3], channels C, 2C, 4C, 8C, stride 2 at the first block of
-     stages 2-4; GroupNorm (up to 32 groups) everywhere; 1x1 conv + GN shortcut where the shape changes;
+     stages 2-4; GroupNorm everywhere (official: min(32, C) groups, fewer where that does not divide C;
+     eps 1e-6); 1x1 conv + GN shortcut where the shape changes;
      the output of every 2nd block is a map ``layer{s}_blk{k}``; each stage output also goes through an
      extra GroupNorm -> map ``layer{s}`` (the next stage consumes the normalized output).
 Decoder (`MAEResNet.decoder`, pretraining only): U-Net: a 3x3 conv block on layer4, then 4 up-blocks
@@ -12,8 +13,11 @@ Decoder (`MAEResNet.decoder`, pretraining only): U-Net: a 3x3 conv block on laye
   skips layer3, layer2, layer1 and the stem output; a final 1x1 conv back to the patchified input
   channels; unpatchified for pixel inputs.
 MAE objective (`MAEResNet.mae_loss`): zero each 2x2 patch of the 32x32 grid with probability 0.5 and
-  regress the input with an l2 loss on the masked region only (sum over masked elements / their count).
+  regress the input with an l2 loss on the masked region only (official: per sample, the squared error summed
+  over masked positions and channels / the number of masked positions; mean over the batch).
 Classification fine-tune: a linear head on the globally pooled (normalized) layer4.
+Initialization (official Flax defaults): every conv and the head lecun_normal (a normal truncated at 2 std,
+  variance 1 / fan_in), zero biases, GroupNorm scale 1 and bias 0.
 
 `MAEFeatures` turns the encoder into a feature extractor: ``global`` (the raw input), ``norm_x`` (RMS of
 the patchified input) and the 7 keys of each of the 12 maps: 86 keys for the official layout.
@@ -35,20 +39,51 @@ MASK_RATIO = 0.5   # official: fixed
 MASK_PATCH = 2     # 2x2 patches of the 32x32 grid
 
 
-def num_groups(channels: int, max_groups: int = 32) -> int:
-    """Largest group count <= max_groups that divides `channels` and leaves >= 2 channels per group.
+GN_EPS = 1e-6  # Flax GroupNorm's default epsilon (the official model keeps it)
+TRUNC_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2] (jax's lecun_normal divides by it)
 
-    Official: up to 32 groups, which for the paper's widths (>= 256) means 32. The two-channel floor only
-    matters for tiny test/demo widths (< 64): with one channel per group, GroupNorm would force every
-    channel's spatial mean to its bias, making the ``*_mean`` feature keys constant at initialization."""
-    for g in range(min(max_groups, channels // 2), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+    """The official group count: min(max_groups, channels), lowered until it divides `channels`.
+
+    32 for the paper's widths; below 32 channels every channel is its own group, so a stage output's
+    ``*_mean`` / ``*_std`` keys (taken right after a GroupNorm) equal its bias / scale for every input, as in
+    the official model at such widths."""
+    g = min(max_groups, channels)
+    while g > 1 and channels % g:
+        g -= 1
+    return max(g, 1)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that also accepts groups of one value (one channel per group on a 1x1 map of one sample),
+    which torch refuses and Flax computes: the normalized value is 0, so the output is the bias."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        if n * (c // self.num_groups) * x[0, 0].numel() == 1:
+            return x * 0.0 + self.bias.view(1, c, *([1] * (x.dim() - 2)))  # x * 0 keeps NaN/Inf inputs visible
+        return super().forward(x)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups(channels), channels, eps=1e-5)
+    return GroupNorm(num_groups(channels), channels, eps=GN_EPS)
+
+
+@torch.no_grad()
+def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """Flax's default kernel init in torch's layout ([out, in, ...]): N(0, 1/fan_in) truncated at 2 std."""
+    std = (1.0 / weight[0].numel()) ** 0.5 / TRUNC_STD
+    return nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
+
+
+def official_init_(module: nn.Module) -> None:
+    """lecun_normal weights and zero biases for every conv and linear layer of `module` (GroupNorms keep 1, 0)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            lecun_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class BasicBlock(nn.Module):
@@ -134,6 +169,7 @@ class MAEResNetEncoder(nn.Module):
             cin = cout
         self.stages = nn.ModuleList(stages)
         self.out_channels = cin
+        official_init_(self)
 
     def map_names(self) -> List[str]:
         names = ["conv1"]
@@ -192,6 +228,7 @@ class UNetDecoder(nn.Module):
             cin = cs
         self.ups = nn.ModuleList(ups)
         self.out = nn.Conv2d(cin, cfg.patch_channels, 1)
+        official_init_(self)
 
     def forward(self, maps: Dict[str, torch.Tensor], n_stages: int) -> torch.Tensor:
         h = self.center(maps[f"layer{n_stages}"])
@@ -212,9 +249,15 @@ def random_patch_mask(n: int, h: int, w: int, *, ratio: float = MASK_RATIO, patc
 
 
 def masked_l2(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of squared errors over masked elements / number of masked elements (mask broadcast over C)."""
-    m = mask.expand_as(target).to(pred.dtype)
-    return ((pred - target).square() * m).sum() / m.sum().clamp_min(1.0)
+    """The official reconstruction loss of pred/target [N, C, H, W] under mask [N, 1, H, W] (1 = masked): per
+    sample, the squared error summed over masked positions and all C channels, divided by the number of
+    masked positions (+1e-8, so a sample without masked positions counts 0); the mean over the N samples.
+
+    Dividing by positions, not elements, makes it C times the per-element mean: that sets the balance with the
+    cross-entropy in the fine-tune phase's (1 - lambda) * recon + lambda * CE."""
+    m = mask.to(pred.dtype)
+    per_sample = ((pred - target).square() * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) + 1e-8)
+    return per_sample.mean()
 
 
 class MAEResNet(nn.Module):
@@ -227,8 +270,7 @@ class MAEResNet(nn.Module):
         self.decoder = UNetDecoder(cfg)
         self.head = nn.Linear(self.encoder.out_channels, cfg.num_classes) if cfg.num_classes > 0 else None
         if self.head is not None:
-            nn.init.normal_(self.head.weight, std=0.01)
-            nn.init.zeros_(self.head.bias)
+            official_init_(self.head)
 
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor):
         """x [N, C, H, W] raw input; mask [N, 1, H/p, W/p] on the patchified grid.
@@ -323,11 +365,14 @@ def build_mae_encoder(weights=None, *, preset: Optional[str] = None, width=None,
     sd, file_cfg = (None, None) if weights is None else read_weights(weights)
     cfg = _mae_config(preset, file_cfg, weights, width=width, in_channels=in_channels, patch_size=patch_size,
                       layers=layers, num_classes=num_classes)
-    with torch.device(device or "cpu"):
+    if sd is None:
+        with torch.device(device or "cpu"):
+            return MAEResNetEncoder(cfg)
+    with torch.device("meta"):  # every tensor comes from the file: skip the (slow, truncated-normal) init
         enc = MAEResNetEncoder(cfg)
-    if sd is not None:
-        has_full = any(k.startswith(("encoder.", "_orig_mod.encoder.", "module.encoder.")) for k in sd)
-        load_into(enc, weights, sd, select="encoder." if has_full else None)
+    enc.to_empty(device=device or "cpu")
+    has_full = any(k.startswith(("encoder.", "_orig_mod.encoder.", "module.encoder.")) for k in sd)
+    load_into(enc, weights, sd, select="encoder." if has_full else None)
     return enc
 
 
