@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from drift.cli import run_main
+
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
@@ -76,7 +78,7 @@ def evaluate_run(out_dir: str, data: str, *, num_eval: int = 10000, cache_dir: O
     """Sample grid + metrics of the run's latest checkpoint (EMA weights); writes samples.png, metrics.json."""
     import torch
     from drift.demo_metrics import DemoEvaluator
-    from drift.sample import generate, load_generator, sample_grid
+    from drift.sampler import generate, load_generator, sample_grid
 
     t0 = time.time()
     cache_dir = cache_dir or os.path.join(out_dir, "cache")
@@ -108,7 +110,7 @@ def evaluate_run(out_dir: str, data: str, *, num_eval: int = 10000, cache_dir: O
     return metrics
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="drift-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA, help="directory with the Fashion-MNIST IDX files")
     p.add_argument("--packed", default="data/fashion-mnist", help="where drift-prep writes the shards")
@@ -138,6 +140,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("demo: " + ", ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
     print(f"demo: total {time.time() - t0:.1f}s; wrote {a.out}/samples.png, metrics.json, log.jsonl", flush=True)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """User errors (a missing dataset, a bad flag value, a run directory in use) are one `drift-demo: error: ...`
+    line and exit code 2; `--debug` shows the traceback."""
+    return run_main(_main, argv, prog="drift-demo")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ with a classifier that actually knows the dataset. Two references put `fd` in co
                     that is always recognisable but has no diversity (high accuracy, useless samples)
 
 Images everywhere are float tensors in [-1, 1], shape [N, 1, 28, 28]; labels are int64 [N].
+
+One implementation with `drift-eval`: the classifier is a feature network of `drift.fid` (`DemoFeatureNet`), so
+features go through `drift.fid.extract_features` and the distance is `drift.fid.frechet_distance` (fp64);
+`drift-eval CKPT --features demo` reports FID/IS/precision/recall/class accuracy in the same features.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_prep.images import find_idx_pair, read_idx
+from drift.fid import extract_features, feature_stats, frechet_distance
 
 def load_idx_split(data_dir: str, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Images in [-1, 1] as float32 [N, 1, H, W] and int64 labels [N] of the `split` ("train"|"test")."""
@@ -134,42 +139,27 @@ def load_or_train_classifier(cache_path: str, images: torch.Tensor, labels: torc
 # Metrics
 # ---------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
+class DemoFeatureNet:
+    """The demo classifier as a `drift.fid` feature network: float [N, C, H, W] in [-1, 1] -> its penultimate
+    features ("pool", [N, 128]) and class logits ("logits", [N, K])."""
+
+    name = "demo-classifier"
+    input_uint8 = False
+    class_logits = True
+
+    def __init__(self, model: DemoClassifier):
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        f = self.model.features(x)
+        return {"pool": f, "logits": self.model.head(f)}
+
+
 def classifier_outputs(model: DemoClassifier, images: torch.Tensor, batch_size: int = 1000):
     """(penultimate features float64 [N, F], predicted labels int64 [N]) of `images` in [-1, 1]."""
-    feats, preds = [], []
-    model.eval()
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size].float().cpu()
-        f = model.features(x)
-        feats.append(f.double())
-        preds.append(model.head(f).argmax(1))
-    return torch.cat(feats), torch.cat(preds)
-
-
-def feature_stats(feats: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
-    """Mean [F] and unbiased covariance [F, F] (float64 numpy) of features [N, F]."""
-    if feats.dim() != 2 or feats.shape[0] < 2:
-        raise ValueError(f"feats must be [N, F] with N >= 2, got {tuple(feats.shape)}")
-    x = feats.double().cpu().numpy()
-    return x.mean(0), np.cov(x, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) for Gaussians; exact via symmetric eigendecompositions.
-
-    tr((S1 S2)^1/2) = sum of sqrt(eigvals(S1^1/2 S2 S1^1/2)), a symmetric PSD matrix, so no complex sqrtm.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched shapes: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
-    w1, v1 = np.linalg.eigh((s1 + s1.T) / 2)
-    sqrt_s1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
-    m = sqrt_s1 @ ((s2 + s2.T) / 2) @ sqrt_s1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    out = extract_features(DemoFeatureNet(model), images, batch_size)
+    return out["pool"].double(), out["logits"].argmax(1)
 
 
 def fd_between(model: DemoClassifier, a: torch.Tensor, b: torch.Tensor) -> float:
@@ -192,10 +182,11 @@ def class_mean_images(images: torch.Tensor, labels: torch.Tensor, query_labels: 
 class DemoEvaluator:
     """Holds the classifier and the real-data reference statistics; scores generated image sets."""
 
-    def __init__(self, data_dir: str, cache_dir: str, *, num_eval: int = 10000, seed: int = 0,
+    def __init__(self, data_dir: str, cache_dir: str, *, num_eval: Optional[int] = 10000, seed: int = 0,
                  classifier_epochs: int = 2, log: Optional[Callable[[str], None]] = None):
         self.train_x, self.train_y = load_idx_split(data_dir, "train")
         test_x, test_y = load_idx_split(data_dir, "test")
+        num_eval = test_x.shape[0] if num_eval is None else num_eval  # None: the whole test split
         if num_eval > test_x.shape[0]:
             raise ValueError(f"num_eval={num_eval} exceeds the {test_x.shape[0]} test images")
         self.test_x, self.test_y = test_x[:num_eval], test_y[:num_eval]
@@ -204,9 +195,9 @@ class DemoEvaluator:
         cache = os.path.join(cache_dir, f"demo_classifier_v{DemoClassifier.VERSION}_seed{seed}_ep{classifier_epochs}.pt")
         self.model = load_or_train_classifier(cache, self.train_x, self.train_y, seed=seed,
                                               epochs=classifier_epochs, log=log)
-        test_feats, test_pred = classifier_outputs(self.model, self.test_x)
+        self.test_feats, test_pred = classifier_outputs(self.model, self.test_x)  # float64 [num_eval, F]
         self.test_accuracy = float((test_pred == self.test_y).float().mean())
-        self.test_stats = feature_stats(test_feats)
+        self.test_stats = feature_stats(self.test_feats)
         self._references: Optional[Dict[str, float]] = None
 
     def fd_to_test(self, images: torch.Tensor) -> float:

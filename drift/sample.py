@@ -1,10 +1,16 @@
-"""drift-sample: one-step samples from a checkpoint, as a PNG grid with one labelled row per class.
+"""drift-sample: one-step samples from a checkpoint: a PNG grid with one labelled row per class, and N samples
+as an ADM-format `.npz` or a folder of PNGs.
 
     drift-sample outputs/demo/checkpoints/step_0001500 --out samples.png
     drift-sample outputs/run --classes 1 7 9 --per-class 16 --alpha 1.5 --no-ema
+    drift-sample runs/b2 --vae sd-vae-ft-mse --out-npz samples.npz --num-samples 50000 --device cuda
 
 CKPT is a checkpoint directory or a run directory (its latest checkpoint). The generator's config is read
 from the checkpoint; EMA weights are used by default (the first EMA decay unless --ema-decay is given).
+Latent models are decoded with the SD-VAE named by --vae (default: the run's `vae`, else its `feature_vae`).
+`--out-npz` / `--png-dir` write --num-samples samples (default 50 per class) with the validation-label rule
+(sample i has class i mod K) and per-sample noise from (--seed, i): the images `drift-eval` makes.
+The library behind this CLI is `drift.sampler`.
 """
 from __future__ import annotations
 
@@ -16,104 +22,61 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from drift import checkpoint as ckpt
+from drift.cli import run_main
+from drift.sampler import (generate, load_decoder, load_generator, resolve_ckpt_dir, sample_grid, sample_shape,
+                           save_grid, to_uint8, validation_labels, write_adm_npz, write_pngs)
+
+__all__ = ["generate", "load_generator", "resolve_ckpt_dir", "sample_grid", "save_grid", "to_uint8", "main"]
 
 
-def resolve_ckpt_dir(path: str) -> str:
-    """A checkpoint directory, or a run directory's latest checkpoint."""
-    if os.path.isfile(os.path.join(path, "meta.json")):
-        return path
-    latest = ckpt.latest_checkpoint(path)
-    if latest is None:
-        raise ckpt.CheckpointError(f"{path} is neither a checkpoint directory nor a run directory with checkpoints")
-    return latest
+def _check_file_arg(flag: str, path: Optional[str], suffix: str) -> None:
+    if path is None:
+        return
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise ValueError(f"{flag} must name a {suffix} file, got the directory {path}")
+    if not path.lower().endswith(suffix):
+        raise ValueError(f"{flag} must end in {suffix}, got {path}")
 
 
-def load_generator(path: str, *, ema: bool = True, ema_decay: Optional[float] = None, device="cpu"):
-    """(model in eval mode, meta) from a checkpoint; EMA weights unless ema=False."""
-    from drift.model import build_generator_model
-    state = ckpt.load_for_sampling(resolve_ckpt_dir(path), map_location="cpu")
-    cfg, meta = state["config"], state["meta"]
-    c, h, _ = meta["item_shape"]
-    model = build_generator_model(cfg, int(meta["num_classes"]), int(h), int(c))
-    if ema:
-        keys = list(state["ema"])
-        key = keys[0] if ema_decay is None else f"{ema_decay:g}"
-        if key not in state["ema"]:
-            raise ValueError(f"--ema-decay {ema_decay} not in the checkpoint (has {keys})")
-        sd = state["ema"][key]
-    else:
-        sd = state["model"]
-    model.load_state_dict(sd, strict=True)
-    return model.to(device).eval(), meta
-
-
-@torch.no_grad()
-def generate(model, labels: torch.Tensor, *, alpha: float = 1.0, seed: int = 0, batch_size: int = 500,
-             device="cpu") -> torch.Tensor:
-    """One forward pass per batch: images [N, C, H, W] in [-1, 1] for int64 `labels` [N]."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    outs = []
-    C, S = model.in_channels, model.input_size
-    for i in range(0, labels.shape[0], batch_size):
-        lab = labels[i:i + batch_size].to(device)
-        n = lab.shape[0]
-        noise = torch.randn(n, C, S, S, generator=g, device=device)
-        style = model.sample_style(n, g, device)
-        a = torch.full((n,), float(alpha), device=device)
-        outs.append(model(noise, lab, a, style).float().clamp(-1, 1).cpu())
-    return torch.cat(outs) if outs else torch.empty(0, C, S, S)
-
-
-def save_grid(images: torch.Tensor, row_names: Sequence[str], per_row: int, path: str, scale: int = 2) -> None:
-    """PNG grid: one row of `per_row` images per name, with the name written in a left margin."""
-    from PIL import Image, ImageDraw
-    rows = len(row_names)
-    if images.shape[0] != rows * per_row:
-        raise ValueError(f"need {rows}x{per_row} images, got {images.shape[0]}")
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, H, W)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    n, c, h, w = x.shape
-    pad = 2
-    grid = x.view(rows, per_row, c, h, w).permute(0, 3, 1, 4, 2)  # (rows, h, per_row, w, c)
-    cells = torch.full((rows, h + pad, per_row, w + pad, 3), 255, dtype=torch.uint8)
-    cells[:, :h, :, :w] = grid
-    body = cells.reshape(rows * (h + pad), per_row * (w + pad), 3).numpy()
-    img = Image.fromarray(body).resize((body.shape[1] * scale, body.shape[0] * scale), Image.NEAREST)
-    margin = 8 + 7 * max(len(s) for s in row_names)
-    canvas = Image.new("RGB", (img.width + margin, img.height), (255, 255, 255))
-    canvas.paste(img, (margin, 0))
-    draw = ImageDraw.Draw(canvas)
-    row_h = (h + pad) * scale
-    for r, name in enumerate(row_names):
-        draw.text((4, r * row_h + row_h // 2 - 5), name, fill=(0, 0, 0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    canvas.save(tmp)
-    os.replace(tmp, path)
-
-
-def sample_grid(path: str, out: str, *, classes: Optional[List[int]] = None, max_grid_classes: int = 10,
-                per_class: int = 10, alpha: float = 1.0, ema: bool = True, ema_decay: Optional[float] = None,
-                seed: int = 0, device="cpu") -> str:
-    model, meta = load_generator(path, ema=ema, ema_decay=ema_decay, device=device)
+def write_samples(ckpt_dir: str, *, num_samples: Optional[int], out_npz: Optional[str], png_dir: Optional[str],
+                  alpha: float, ema: bool, ema_decay: Optional[float], seed: int, batch_size: int, device,
+                  vae: Optional[str]) -> int:
+    """Generate N samples (validation-label rule, per-index noise) into an ADM npz and/or a PNG folder."""
+    model, meta = load_generator(ckpt_dir, ema=ema, ema_decay=ema_decay, device=device)
+    decode = load_decoder(meta, vae, device=device)
     K = int(meta["num_classes"])
-    classes = list(range(min(K, max_grid_classes))) if not classes else list(classes)[:max_grid_classes]
-    bad = [c for c in classes if not 0 <= c < K]
-    if bad:
-        raise ValueError(f"--classes {bad} outside [0, {K})")
-    names = meta.get("class_names") or [str(c) for c in range(K)]
-    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
-    images = generate(model, labels, alpha=alpha, seed=seed, device=device)
-    save_grid(images, [f"{c}: {names[c]}" if names[c] != str(c) else str(c) for c in classes], per_class, out)
-    return out
+    n = 50 * K if num_samples is None else num_samples
+    labels = validation_labels(torch.arange(n), K)
+    C, H, W = sample_shape(model, decode)
+
+    def chunks():
+        from tqdm import tqdm
+        with tqdm(total=n, unit="img", desc="drift-sample", dynamic_ncols=True) as bar:
+            for s in range(0, n, batch_size):
+                idx = torch.arange(s, min(s + batch_size, n))
+                x = generate(model, labels[idx], alpha=alpha, seed=seed, batch_size=batch_size, device=device,
+                             indices=idx, decode=decode, as_uint8=True)
+                if png_dir:
+                    write_pngs(png_dir, x, idx.tolist())
+                bar.update(len(idx))
+                yield x.numpy()
+
+    if out_npz:
+        os.makedirs(os.path.dirname(os.path.abspath(out_npz)), exist_ok=True)
+        write_adm_npz(out_npz, chunks(), (n, H, W, C), labels.numpy())
+    else:
+        for _ in chunks():
+            pass
+    if png_dir:
+        np.savetxt(os.path.join(png_dir, "labels.txt"), labels.numpy(), fmt="%d")
+    return n
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="drift-sample", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="checkpoint directory, or a run directory (uses its latest checkpoint)")
-    p.add_argument("--out", default=None, help="output PNG (default: <ckpt>/samples_alpha<alpha>.png)")
+    p.add_argument("--out", default=None,
+                   help="output grid PNG (default: <ckpt>/samples_alpha<alpha>.png unless --out-npz/--png-dir)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class indices, one grid row each")
     p.add_argument("--max-grid-classes", type=int, default=10, help="at most this many rows")
     p.add_argument("--per-class", type=int, default=10, help="samples per row")
@@ -122,13 +85,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ema-decay", type=float, default=None, help="which EMA copy (default: the first)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--vae", default=None,
+                   help="SD-VAE directory (diffusers AutoencoderKL) that decodes a latent model's samples "
+                        "(default: the run's config)")
+    p.add_argument("--out-npz", default=None, help="write --num-samples samples as an ADM-format .npz here")
+    p.add_argument("--png-dir", default=None, help="write --num-samples samples as <index>.png files here")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="samples for --out-npz/--png-dir (default: 50 per class)")
+    p.add_argument("--batch-size", type=int, default=250, help="samples per forward pass")
     a = p.parse_args(argv)
+    for flag, v in (("--per-class", a.per_class), ("--max-grid-classes", a.max_grid_classes),
+                    ("--batch-size", a.batch_size), ("--num-samples", a.num_samples)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    _check_file_arg("--out", a.out, ".png")
+    _check_file_arg("--out-npz", a.out_npz, ".npz")
+    if a.png_dir is not None and os.path.isfile(a.png_dir):
+        raise ValueError(f"--png-dir must be a directory, got the file {a.png_dir}")
     ckpt_dir = resolve_ckpt_dir(a.ckpt)
-    out = a.out or os.path.join(ckpt_dir, f"samples_alpha{a.alpha:g}.png")
-    sample_grid(ckpt_dir, out, classes=a.classes, max_grid_classes=a.max_grid_classes, per_class=a.per_class,
-                alpha=a.alpha, ema=a.ema, ema_decay=a.ema_decay, seed=a.seed, device=a.device)
-    print(out)
+    if a.out_npz or a.png_dir:
+        n = write_samples(ckpt_dir, num_samples=a.num_samples, out_npz=a.out_npz, png_dir=a.png_dir,
+                          alpha=a.alpha, ema=a.ema, ema_decay=a.ema_decay, seed=a.seed, batch_size=a.batch_size,
+                          device=a.device, vae=a.vae)
+        for path in (a.out_npz, a.png_dir):
+            if path:
+                print(f"{path} ({n} samples)")
+    if a.out or not (a.out_npz or a.png_dir):
+        out = a.out or os.path.join(ckpt_dir, f"samples_alpha{a.alpha:g}.png")
+        sample_grid(ckpt_dir, out, classes=a.classes, max_grid_classes=a.max_grid_classes, per_class=a.per_class,
+                    alpha=a.alpha, ema=a.ema, ema_decay=a.ema_decay, seed=a.seed, device=a.device, vae=a.vae)
+        print(out)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_main(_main, argv, prog="drift-sample")
 
 
 if __name__ == "__main__":

@@ -4,47 +4,32 @@
 """
 import gzip
 
-import numpy as np
 import pytest
 import torch
 
-from drift.demo_metrics import (DemoEvaluator, class_mean_images, feature_stats, frechet_distance, load_idx_split,
-                                train_classifier)
+from drift.demo_metrics import (DemoClassifier, DemoEvaluator, DemoFeatureNet, class_mean_images, classifier_outputs,
+                                feature_stats, frechet_distance, load_idx_split, train_classifier)
 from tests.data_fixtures import synthetic_fashion, write_fake_idx_dir
 
 
-def _sqrtm_fd(mu1, s1, mu2, s2):
-    # Independent oracle: scipy's general matrix square root.
-    from scipy import linalg
-    covmean = linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-
-
-def test_fd_identical_sets_is_zero_and_grows_with_shift():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(2000, 8, generator=g, dtype=torch.float64)
-    mu, s = feature_stats(a)
-    assert abs(frechet_distance(mu, s, mu, s)) < 1e-8
-    prev = 0.0
-    for shift in (0.1, 0.5, 1.0, 2.0):
-        fd = frechet_distance(*feature_stats(a + shift), mu, s)
-        assert fd == pytest.approx(8 * shift ** 2, rel=1e-6)  # a pure shift moves only the mean term
-        assert fd > prev
-        prev = fd
-
-
-def test_fd_matches_closed_form_and_scipy():
-    # 1-D Gaussians: FD = (m1 - m2)^2 + (s1 - s2)^2.
-    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([0.0]), np.array([[1.0]])) == \
-        pytest.approx(1.0 + 1.0)
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        A, B = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
-        s1, s2 = A @ A.T + 0.1 * np.eye(6), B @ B.T + 0.1 * np.eye(6)
-        mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
-        assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(_sqrtm_fd(mu1, s1, mu2, s2), rel=1e-6)
-    with pytest.raises(ValueError, match="mismatched"):
-        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+def test_demo_metrics_go_through_the_drift_fid_code_path():
+    """One implementation: the demo's distance is drift.fid's, its features come from drift.fid.extract_features
+    with the classifier as the feature network (drift.fid's own tests cover the math)."""
+    import drift.fid as fid
+    assert frechet_distance is fid.frechet_distance and feature_stats is fid.feature_stats
+    torch.manual_seed(0)
+    model = DemoClassifier(num_classes=4).eval()
+    x = torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    feats, pred = classifier_outputs(model, x, batch_size=3)
+    with torch.no_grad():
+        want = model.features(x)
+        assert torch.allclose(feats, want.double(), atol=1e-6) and torch.equal(pred, model.head(want).argmax(1))
+    net = DemoFeatureNet(model)
+    assert not net.input_uint8 and net.class_logits
+    # uint8 NHWC input (drift-eval's samples.npz) is read back as x / 127.5 - 1.
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    back = fid.extract_features(net, u8)["pool"]
+    assert torch.allclose(back, model.features(u8.permute(0, 3, 1, 2).float() / 127.5 - 1).detach(), atol=1e-6)
 
 
 def test_load_idx_split_reads_plain_and_gz_and_names_bad_files(tmp_path):
@@ -91,3 +76,5 @@ def test_classifier_and_evaluator_on_synthetic_classes(tmp_path):
     assert ref["fd_real_floor"] >= 0 and ref["fd_class_mean"] > 0 and ref["class_accuracy_class_mean"] > 0.9
     with pytest.raises(ValueError, match="num_eval"):
         DemoEvaluator(str(data), str(tmp_path / "cache"), num_eval=1000, classifier_epochs=8)
+    full = DemoEvaluator(str(data), str(tmp_path / "cache"), num_eval=None, classifier_epochs=8)  # drift-eval's
+    assert full.num_eval == 128 and full.test_feats.shape == (128, 128) and full.test_feats.dtype == torch.float64

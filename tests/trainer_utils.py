@@ -70,3 +70,24 @@ def tiny(tmp_path, **kw):
     base = dict(out_dir=str(tmp_path / "run"), threads=1, progress=False)
     base.update(kw)
     return TrainConfig.from_preset("tiny", **base)
+
+
+def train_tiny(out_dir, images, labels, kind=None, **kw) -> str:
+    """Six steps of the tiny preset on in-memory data: a real checkpoint in seconds (no warmup, EMA decay 0.5,
+    so the EMA generator has moved from its zero-output init). `kind="latents"` makes the loader say it
+    serves SD-VAE latents (as the latent shard loader does), which the checkpoint records."""
+    base = dict(out_dir=str(out_dir), threads=1, progress=False, max_steps=6, ckpt_every=6, lr=1e-2,
+                warmup_steps=0, ema_decay=(0.5,))
+    from drift.config import TrainConfig
+    from drift.trainer import train
+    cfg = TrainConfig.from_preset("tiny", **dict(base, **kw))
+    make = loader_factory(images, labels)
+
+    def factory(c, info):
+        loader = make(c, info)
+        if kind is not None:
+            loader.kind, loader.vae_scale = kind, 0.18215
+        return loader
+
+    train(cfg, loader_factory=factory)
+    return cfg.out_dir
