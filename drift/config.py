@@ -55,12 +55,16 @@ class TrainConfig:
     normalization: str = "xy"  # kernel normalization: "xy" (official) | "y" | "none"
     field_backend: str = "auto"  # drifting field backend: "auto" | "reference" | "cpp" | "triton"
 
+    # ----- step memory (drift/step.py; benchmarks/RESULTS.md "Trainer on GPU") -----
+    label_chunk: int = 0  # labels per chunk of the label-chunked step, same losses and gradients (0 = one graph)
+    bf16_keys: bool = False  # feature keys kept and passed to the field in bf16 (the field computes in fp32)
+
     # ----- CFG (alpha) -----
-    alpha_dist: str = "power"  # alpha sampler: "power" (p ~ alpha^-k) | "mixed" (no_cfg_frac at 1) | "uniform"
+    alpha_dist: str = "power"  # alpha sampler: "power" (p ~ alpha^-k) | "mixed" (same as power) | "uniform"
     cfg_min: float = 1.0  # smallest training alpha
     cfg_max: float = 4.0  # largest training alpha
     neg_cfg_pw: float = 3.0  # k of the power law p(alpha) ~ alpha^-k
-    no_cfg_frac: float = 0.0  # fraction of labels trained at alpha = 1 exactly ("mixed")
+    no_cfg_frac: float = 0.0  # fraction of labels trained at alpha = 1 exactly (with any alpha_dist, official)
 
     # ----- queues -----
     positive_bank_size: int = 128  # per-class queue length
@@ -91,6 +95,14 @@ class TrainConfig:
     run_name: str = ""  # wandb run name ("" = out_dir's name)
     progress: bool = True  # tqdm progress bar on rank 0
 
+    # ----- sampling / evaluation -----
+    vae: str = ""  # local SD-VAE directory that decodes a latent model's samples (drift-sample/drift-eval)
+    eval_every: int = 0  # steps between small FID evaluations of the EMA generator at checkpoints (0 = off)
+    eval_samples: int = 5000  # samples per FID evaluation (validation-label rule, split over the ranks)
+    eval_alpha: Tuple[float, ...] = (1.0,)  # CFG strengths of the FID evaluations (one fid/alpha=<a> each)
+    eval_inception_weights: str = ""  # torch-fidelity Inception weights file for eval_every (local path)
+    eval_ref_stats: str = ""  # reference stats .npz (mu/sigma or ref_mu/ref_sigma) for eval_every
+
     # ----- system -----
     seed: int = 0  # global seed (model init, per-step sampling streams, loader)
     device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda"
@@ -101,6 +113,8 @@ class TrainConfig:
     # ----- derived / helpers -----
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad field; return self."""
+        for f in fields(self):  # every field: its declared type, finite numbers, no null
+            _coerce(f, getattr(self, f.name))
         pos_ints = ("train_batch_size", "gen_per_label", "pos_per_sample", "positive_bank_size",
                     "negative_bank_size", "push_per_step", "max_steps", "log_every", "ckpt_every", "loader_threads")
         for name in pos_ints:
@@ -108,7 +122,7 @@ class TrainConfig:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("neg_per_sample", "warmup_steps", "lr_decay_steps", "keep_ckpts", "hidden_size", "depth", "num_heads",
-                     "patch_size", "image_size", "threads", "queue_warmup_batches"):
+                     "patch_size", "image_size", "threads", "queue_warmup_batches", "label_chunk"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
@@ -118,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"R_list must be non-empty positive temperatures, got {self.R_list}")
         if not self.ema_decay or any(not (0 <= d < 1) for d in self.ema_decay):
             raise ValueError(f"ema_decay must hold decays in [0, 1), got {self.ema_decay}")
+        if len(set(self.ema_decay)) != len(self.ema_decay):  # one EMA copy per decay, keyed by the decay
+            raise ValueError(f"ema_decay must not repeat a decay, got {self.ema_decay}")
         choices = {"augment": ("center", "train"), "loader_backend": ("auto", "dali", "pil"),
                    "normalization": ("xy", "y", "none"), "field_backend": ("auto", "reference", "cpp", "triton"),
                    "alpha_dist": ("power", "mixed", "uniform"), "wandb": ("online", "offline", "disabled"),
@@ -129,8 +145,16 @@ class TrainConfig:
             raise ValueError(f"need 1 <= cfg_min <= cfg_max, got cfg_min={self.cfg_min}, cfg_max={self.cfg_max}")
         if not (0.0 <= self.no_cfg_frac <= 1.0):
             raise ValueError(f"no_cfg_frac must be in [0, 1], got {self.no_cfg_frac}")
-        if not (self.lr > 0 and self.max_grad_norm > 0 and self.weight_decay >= 0):
-            raise ValueError("lr and max_grad_norm must be > 0 and weight_decay >= 0")
+        for name in ("lr", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.out_dir:
+            raise ValueError("out_dir must not be empty")
         if self.num_prefix_tokens < -1:
             raise ValueError(f"num_prefix_tokens must be >= -1, got {self.num_prefix_tokens}")
         if self.num_style_tokens < -1:
@@ -162,6 +186,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any], *, strict: bool = True) -> "TrainConfig":
         """Build from a dict (e.g. a checkpoint's JSON); unknown keys raise when strict, missing keys default."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object of field names to values, got {type(d).__name__}")
         names = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(names))
         if unknown and strict:
@@ -200,12 +226,24 @@ class TrainConfig:
         return dataclasses.replace(self, **kw)
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _coerce(f: dataclasses.Field, v: Any) -> Any:
-    """Convert a JSON value to the field's declared type (lists -> tuples of floats)."""
+    """Convert a JSON value to the field's declared type (lists -> tuples of floats); ValueError naming the key
+    when it is not one (null, a string for a number or a list, NaN or infinity, a bool for a number)."""
     t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if v is None:
+        raise ValueError(f"config key {f.name} is null; give a value, or leave the key out for the default")
     if t.startswith("Tuple"):
-        if isinstance(v, (int, float)):
+        if _is_number(v):
             v = [v]
+        # a string is iterable: "12" would otherwise become (1.0, 2.0)
+        if not isinstance(v, (list, tuple)) or not all(_is_number(x) for x in v):
+            raise ValueError(f"config key {f.name} must be a list of numbers, got {v!r}")
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError(f"config key {f.name} must hold finite numbers, got {v!r}")
         return tuple(float(x) for x in v)
     if t == "bool":
         if not isinstance(v, bool):
@@ -216,8 +254,10 @@ def _coerce(f: dataclasses.Field, v: Any) -> Any:
             raise ValueError(f"config key {f.name} must be an int, got {v!r}")
         return v
     if t == "float":
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if not _is_number(v):
             raise ValueError(f"config key {f.name} must be a number, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"config key {f.name} must be a finite number, got {v!r}")
         return float(v)
     if t == "str":
         if not isinstance(v, str):
@@ -275,6 +315,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  keep_ckpts=2, compile=False, device="cpu", out_dir="outputs/demo", loader_threads=1),
 }
 
+# Memory levers of the paper presets at their per-GPU shapes on one 8-GPU node (ablation: 8 labels per GPU, the
+# others 16), chosen with benchmarks/memory_model.py (benchmarks/RESULTS.md, "Trainer on GPU"): the label-chunked
+# step (exact), bf16 feature keys where 16 labels of MAE-640 keys need them, generator checkpointing for L/2.
+PRESETS["ablation-B/2"].update(label_chunk=2)
+PRESETS["B/2"].update(label_chunk=1, bf16_keys=True)
+PRESETS["L/2"].update(label_chunk=1, bf16_keys=True, grad_checkpointing=True)
+PRESETS["B/16"].update(label_chunk=1, bf16_keys=True)
+PRESETS["L/16"].update(label_chunk=1, bf16_keys=True)
+
 # Tiny preset for tests: seconds per step on one core.
 PRESETS["tiny"] = dict(PRESETS["demo"], features="pixels", hidden_size=32, depth=1, num_heads=2, num_prefix_tokens=2,
                        train_batch_size=4, gen_per_label=4, pos_per_sample=4, neg_per_sample=2, max_steps=20,
@@ -327,7 +376,13 @@ def parse_cli(argv: Optional[Sequence[str]] = None, prog: str = "drift-train") -
     d: Dict[str, Any] = dict(PRESETS[ns.preset]) if ns.preset else {}
     if ns.config:
         with open(ns.config) as fh:
-            d.update(json.load(fh))
+            try:
+                extra = json.load(fh)
+            except ValueError as e:
+                raise ValueError(f"--config {ns.config}: not valid JSON ({e})") from None
+        if not isinstance(extra, dict):
+            raise ValueError(f"--config {ns.config}: must hold a JSON object of field names to values")
+        d.update(extra)
     for f in fields(TrainConfig):
         v = getattr(ns, f.name)
         if v is not None:

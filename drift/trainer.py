@@ -12,6 +12,9 @@ One step (paper Alg. 1 with the official class batching, `train.py` of the offic
   4. features of all three (generated with gradient); per key the field over rows (label, location)
      grouped without copies ([N_c*G, L, D] -> [N_c, L, G, D]); loss = sum over keys of the row mean;
   5. AdamW(0.9, 0.95), linear warmup from 1e-6 then constant LR, clip 2.0, EMA update(s).
+Steps 3-4 hold every label's graph at once, or, with cfg.label_chunk, run chunk by chunk against the field of
+all labels with the same losses and gradients (drift/step.py: the memory lever of the paper presets). cfg.compile
+compiles the generator's and the encoder's blocks in place (regional compilation) in a warm-up step.
 
 Randomness. Every random draw of step s comes from generators seeded by (seed, s) - one shared by all ranks
 for the labels and alphas, one per global label slot for its noise, style and queue draws - so a resumed run
@@ -38,9 +41,12 @@ from drift.alpha import cfg_weight, sample_alpha
 from drift.config import TrainConfig
 from drift.dist import DistInfo, barrier, init_distributed, print0
 from drift.ema import EMA
-from drift.loss import drifting_loss
+from drift.field import drifting_loss_multi
 from drift.model import build_generator_model
-from drift.tracking import init_tracking
+from drift.runlock import RunLock
+from drift.step import (PhaseTimer, ProgressTicker, bf16_matmul_weights, chunked_forward_backward, compile_regions,
+                        phase)
+from drift.tracking import cut_log, init_tracking, log_size, new_run_id
 
 LR_START = 1e-6  # official: linear warmup starts at 1e-6
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant for seed mixing
@@ -93,10 +99,27 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: Optional[str] = None,
                  loader_factory: Optional[Callable[[TrainConfig, DistInfo], Any]] = None,
                  info: Optional[DistInfo] = None):
-        from drift.queues import ClassQueues, GlobalQueue
-
         self.cfg = cfg.validate()
         self.info = info if info is not None else init_distributed(cfg.device)
+        # One run per run directory, locked before any file of it is touched; held until close() or exit.
+        self.run_lock = RunLock.acquire(cfg.out_dir, self.info, log=print0)
+        try:
+            self._setup(resume, loader_factory)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def close(self) -> None:
+        """Close the loader and release the run directory."""
+        close = getattr(getattr(self, "loader", None), "close", None)
+        if close is not None:
+            close()
+        self.run_lock.release()
+
+    def _setup(self, resume: Optional[str], loader_factory) -> None:
+        from drift.queues import ClassQueues, GlobalQueue
+
+        cfg = self.cfg
         self.device = self.info.device
         if cfg.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.threads)
@@ -133,18 +156,22 @@ class Trainer:
         self.step = 0
         self.loop_state: Dict[str, Any] = {"train_time_s": 0.0}
 
-        # Two handles on the generator: `model` (the plain module: state_dict, EMA, sampling) and `gen_fn`
-        # (what the step calls: wrapped in DDP under torchrun, then compiled when cfg.compile).
-        self.gen_fn = self.model
+        # Two handles on the generator: `model` (the plain module: state_dict, EMA, sampling, the chunked step's
+        # graph-free pass) and `gen_fn` (what a step with a graph calls: `ddp`, the DDP wrapper, under torchrun).
+        # cfg.compile compiles the repeated blocks of the generator and the encoder in place (regional
+        # compilation: one compile per block shape instead of one of the whole model; drift/step.py).
+        if cfg.compile:
+            n_regions = compile_regions(self.model, self.features)
+            print0(f"torch.compile: {n_regions} blocks of the generator and the encoder compiled regionally "
+                   "(compiled in the warm-up step before training)")
+        self.ddp = None
         if self.info.is_ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.gen_fn = DDP(self.model, device_ids=ids)
-        self.feat_fn = self.features
-        if cfg.compile:
-            self.gen_fn = torch.compile(self.gen_fn, dynamic=False)
-            if any(True for _ in self.features.parameters()):
-                self.feat_fn = torch.compile(self.features, dynamic=False)
+            self.ddp = DDP(self.model, device_ids=ids)
+        self.gen_fn = self.ddp if self.ddp is not None else self.model
+        self.phase_timer: Optional[PhaseTimer] = None  # set by benchmarks/bench_train.py's instrumented run
+        self.compile_warmup_s: Optional[float] = None
 
         self.out_dir = cfg.out_dir
         if self.info.is_main:
@@ -156,6 +183,8 @@ class Trainer:
         else:
             self._fill_queues()
         self.autocast = (self.device.type == "cuda" and cfg.bf16)
+        if self.autocast:  # bit-identical under autocast, half the encoder's weight memory (drift/step.py)
+            bf16_matmul_weights(self.features)
 
     # ------------------------------------------------------------------------------------------------
     # Queues
@@ -223,51 +252,117 @@ class Trainer:
         }
         return out
 
-    def _loss(self, batch) -> Dict[str, Any]:
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def _generate(self, batch, lo: int, hi: int, graph: bool) -> torch.Tensor:
+        """Generated samples of label slots [lo, hi): (hi-lo)*G items [*, C, H, W]. `graph=False` (the chunked
+        step's first pass, under no_grad) bypasses the DDP wrapper, which has nothing to do without a graph."""
+        G = self.cfg.gen_per_label
+        labels = batch["labels"][lo:hi].repeat_interleave(G)
+        alpha = batch["alpha"][lo:hi].repeat_interleave(G)
+        fn = self.gen_fn if graph else self.model
+        return fn(batch["noise"][lo * G:hi * G], labels, alpha, batch["style"][lo * G:hi * G])
+
+    def _reals(self, batch, lo: int, hi: int) -> torch.Tensor:
+        """Positives then unconditional negatives of label slots [lo, hi), one batch for one encoder call."""
+        P, U = self.cfg.pos_per_sample, self.cfg.neg_per_sample
+        pos = batch["pos"][lo * P:hi * P]
+        return torch.cat([pos, batch["unc"][lo * U:hi * U]]) if U else pos
+
+    def _split_reals(self, f_real: Dict[str, torch.Tensor], n: int):
+        """Keys of `_reals` over n labels -> (positive keys [n*P, L, D], negative keys [n*U, L, D] or None)."""
+        P, U = self.cfg.pos_per_sample, self.cfg.neg_per_sample
+        if not U:
+            return f_real, None
+        return {k: v[:n * P] for k, v in f_real.items()}, {k: v[n * P:] for k, v in f_real.items()}
+
+    def _encode(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Feature keys of x; with cfg.bf16_keys cast to bf16 (the field computes in fp32 either way)."""
+        f = self.features(x)
+        if self.cfg.bf16_keys:
+            f = {k: v.to(torch.bfloat16) for k, v in f.items()}
+        return f
+
+    def _cfg_weight(self, batch) -> Optional[torch.Tensor]:
+        """(n,) weight of each label's unconditional negatives, None without them."""
         cfg = self.cfg
-        n, G, P, U = self.nc_local, cfg.gen_per_label, cfg.pos_per_sample, cfg.neg_per_sample
-        labels_rep = batch["labels"].repeat_interleave(G)
-        alpha_rep = batch["alpha"].repeat_interleave(G)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            x = self.gen_fn(batch["noise"], labels_rep, alpha_rep, batch["style"])  # (n*G, C, H, W)
-            f_gen = self.feat_fn(x)
-            with torch.no_grad():
-                f_pos = self.feat_fn(batch["pos"])
-                f_unc = self.feat_fn(batch["unc"]) if U else None
-        w = cfg_weight(batch["alpha"], G, U) if U else None  # (n,) weight of the uncond negatives
-        per_key, rms = {}, {}
-        total = None
-        for k, fg in f_gen.items():
+        return cfg_weight(batch["alpha"], cfg.gen_per_label, cfg.neg_per_sample) if cfg.neg_per_sample else None
+
+    def _key_losses(self, f_gen, f_pos, f_unc, w):
+        """The field of every key: ({key: loss, the mean over its (label, location) rows}, {key: mean force RMS}).
+
+        f_gen / f_pos / f_unc map key -> [n*G | n*P | n*U, L, D] (f_unc None without negatives), w [n] the
+        weight of the unconditional negatives. Rows are grouped per label without copies
+        ([n*G, L, D] -> [n, L, G, D]). The one place the step calls the field."""
+        cfg = self.cfg
+        G, P = cfg.gen_per_label, cfg.pos_per_sample
+        keys, items = list(f_gen), []
+        for k in keys:
+            fg = f_gen[k]
             L, D = fg.shape[1:]
+            n = fg.shape[0] // G
             gk = fg.view(n, G, L, D).transpose(1, 2)  # (n, L, G, D)
             pk = f_pos[k].view(n, P, L, D).transpose(1, 2)  # (n, L, P, D)
             nk = wk = None
-            if U:
+            if f_unc is not None:
+                U = f_unc[k].shape[0] // n
                 nk = f_unc[k].view(n, U, L, D).transpose(1, 2)  # (n, L, U, D)
                 wk = w.view(n, 1, 1).expand(n, L, U).to(torch.float32)
-            lk, info = drifting_loss(gk, pk, nk, wk, temperatures=cfg.R_list, normalization=cfg.normalization,
-                                     backend=cfg.field_backend, process_group=self.pg, check_finite=False)
-            lk = lk.mean()  # mean over (label, location) rows
-            per_key[k] = lk
-            rms[k] = info["force_rms"].mean()
-            total = lk if total is None else total + lk  # keys summed with equal weight
+            items.append((gk, pk, nk, wk))
+        # All keys in one call: each keeps its own global scale and RMS (the result equals per-key drifting_loss
+        # calls bit for bit), with 2 all-reduces instead of 2 per key and one launch per pass and group of keys.
+        out = drifting_loss_multi(items, temperatures=cfg.R_list, normalization=cfg.normalization,
+                                  backend=cfg.field_backend, process_group=self.pg, check_finite=False)
+        per_key = {k: lk.mean() for k, (lk, _) in zip(keys, out)}  # mean over (label, location) rows
+        rms = {k: info["force_rms"].mean() for k, (_, info) in zip(keys, out)}
+        return per_key, rms
+
+    def _loss(self, batch) -> Dict[str, Any]:
+        """The plain step's forward: every label of the rank in one graph. {"loss": the sum of the key losses
+        (keys weigh equally), "per_key": {key: loss}, "force_rms": {key: mean force RMS}}."""
+        n, timer = self.nc_local, self.phase_timer
+        with self._autocast():
+            with phase(timer, "generator"):
+                x = self._generate(batch, 0, n, graph=True)  # (n*G, C, H, W)
+            with phase(timer, "encoder"):
+                f_gen = self._encode(x)
+                with torch.no_grad():
+                    f_pos, f_unc = self._split_reals(self._encode(self._reals(batch, 0, n)), n)
+        with phase(timer, "field"):
+            per_key, rms = self._key_losses(f_gen, f_pos, f_unc, self._cfg_weight(batch))
+        total = None
+        for lk in per_key.values():
+            total = lk if total is None else total + lk
         return {"loss": total, "per_key": per_key, "force_rms": rms}
+
+    def _forward_backward(self, batch) -> Dict[str, Any]:
+        """Forward and backward of one step (plain, or label-chunked when cfg.label_chunk splits the rank's
+        labels: drift/step.py); the gradients are left in the parameters' .grad."""
+        chunk = self.cfg.label_chunk
+        if 0 < chunk < self.nc_local:
+            return chunked_forward_backward(self, batch)
+        out = self._loss(batch)
+        with phase(self.phase_timer, "backward"):
+            out["loss"].backward()
+        return out
 
     def train_step(self, step: int) -> Dict[str, Any]:
         """One optimizer step (no host sync). Returns device tensors for logging."""
         cfg = self.cfg
-        self._push_batch()
-        batch = self._sample_inputs(step)
+        with phase(self.phase_timer, "data"):
+            self._push_batch()
+            batch = self._sample_inputs(step)
         self.model.train()
-        out = self._loss(batch)
-        out["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        lr = lr_at(cfg, step)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
+        out = self._forward_backward(batch)
+        with phase(self.phase_timer, "optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            lr = lr_at(cfg, step)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.ema.update(self.model)
         out["grad_norm"] = grad_norm
         out["lr"] = lr
         return out
@@ -276,7 +371,8 @@ class Trainer:
         """Run the compiled forward/backward once on throwaway inputs, then restore every touched state.
 
         Compilation happens outside the measured/trained trajectory: parameters, gradients and the global
-        RNG are put back exactly, and no queue, loader or optimizer state is advanced."""
+        RNG are put back exactly, and no queue, loader or optimizer state is advanced. Rank 0 prints a
+        progress line with the elapsed time while it compiles; `compile_warmup_s` keeps the total."""
         if not self.cfg.compile:
             return
         params = [p.detach().clone() for p in self.model.parameters()]
@@ -284,7 +380,11 @@ class Trainer:
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
         batch = self._sample_inputs(-1)  # the step -1 stream is never used for training
         self.model.train()
-        self._loss(batch)["loss"].backward()
+        with ProgressTicker("torch.compile warm-up (one step on throwaway inputs)", enabled=self.info.is_main) as t:
+            self._forward_backward(batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        self.compile_warmup_s = t.elapsed
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             for p, saved in zip(self.model.parameters(), params):
@@ -312,6 +412,8 @@ class Trainer:
         return [str(i) for i in range(self.num_classes)]
 
     def save(self, crash: bool = False) -> str:
+        if self.info.is_main:  # what log.jsonl holds at this checkpoint: a resume from it cuts the log back to this
+            self.loop_state["log_bytes"] = log_size(os.path.join(self.out_dir, "log.jsonl"))
         meta = {"step": self.step, "config": self.cfg.to_dict(), "world_size": self.info.world_size,
                 "loop_state": dict(self.loop_state), "num_classes": self.num_classes,
                 "item_shape": list(self.item_shape), "torch": torch.__version__, "crash": crash,
@@ -347,19 +449,45 @@ class Trainer:
         print0(f"resumed from {ckpt_dir} at step {self.step}")
 
     # ------------------------------------------------------------------------------------------------
+    # FID during training (cfg.eval_every)
+    # ------------------------------------------------------------------------------------------------
+    def _training_fid(self):
+        from drift.evaluate import TrainingFID
+        return TrainingFID(self.cfg, self.device, num_classes=self.num_classes, item_shape=self.item_shape,
+                           data_kind=getattr(self.loader, "kind", "images"))
+
+    def evaluate_fid(self, fid_eval, wb, log_path: str) -> Dict[str, Any]:
+        """FID of the first EMA generator (every rank makes its share); rank 0 logs it to log.jsonl and wandb."""
+        t0 = time.time()
+        rec = {"step": self.step, **fid_eval(self.ema.models[self.ema.decays[0]], self.info.rank,
+                                             self.info.world_size)}
+        rec["eval_time_s"] = time.time() - t0
+        if self.info.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            wb.log(rec, step=self.step)
+        return rec
+
+    # ------------------------------------------------------------------------------------------------
     # The loop
     # ------------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
         cfg, info = self.cfg, self.info
+        fid_eval = self._training_fid() if cfg.eval_every else None  # checks its files before the first step
         wb = init_tracking(cfg.wandb, project=cfg.wandb_project,
                            name=cfg.run_name or os.path.basename(os.path.abspath(cfg.out_dir)),
-                           config=cfg.to_dict(), dir=cfg.out_dir, is_main=info.is_main)
+                           config=cfg.to_dict(), dir=cfg.out_dir, is_main=info.is_main,
+                           run_id=self.loop_state.setdefault("wandb_run_id", new_run_id()))
         if info.is_main:
             cfg.save_json(os.path.join(cfg.out_dir, "config.json"))
         log_path = os.path.join(cfg.out_dir, "log.jsonl")
         start = self.step
         if info.is_main and start == 0 and os.path.exists(log_path):
-            os.remove(log_path)  # a fresh run starts a fresh log; a resumed one appends
+            os.remove(log_path)  # a fresh run starts a fresh log
+        elif info.is_main and start > 0:  # a resumed one drops what was logged after its checkpoint, then appends
+            dropped = cut_log(log_path, start, self.loop_state.get("log_bytes"))
+            if dropped:
+                print0(f"{log_path}: dropped {dropped} line(s) logged after the checkpoint of step {start}")
         bar = None
         if info.is_main and cfg.progress:
             from tqdm import tqdm
@@ -373,6 +501,8 @@ class Trainer:
         train_time0 = float(self.loop_state.get("train_time_s", 0.0))
         while True:
             last_step = self.step >= cfg.max_steps
+            if fid_eval is not None and self.step > start and (last_step or self.step % cfg.eval_every == 0):
+                self.evaluate_fid(fid_eval, wb, log_path)
             if self.step > start and (last_step or self.step % cfg.ckpt_every == 0):
                 self.loop_state["train_time_s"] = train_time0 + time.time() - t_run
                 self.save()
@@ -432,6 +562,4 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None,
     try:
         return trainer.run()
     finally:
-        close = getattr(trainer.loader, "close", None)
-        if close is not None:
-            close()
+        trainer.close()

@@ -80,6 +80,46 @@ def _row_bases(pid, B2, gen_ptr, neg_ptr, pos_ptr, w_ptr, sg_b1, sg_b2, sn_b1, s
             pos_ptr + b1 * sp_b1 + b2 * sp_b2, w_ptr + b1 * sw_b1 + b2 * sw_b2)
 
 
+# A multi-key launch (field_multi.py) runs the rows of several feature keys of one row shape and S as one grid:
+# key k owns the rows [start_k, start_k + B_k), and a table row of KEY_FIELDS int64 per key gives
+#   start_k, B2_k, element offsets of gen/neg/pos/w from the launch's base tensors, then the strides
+#   sg_b1 sg_b2 sg_n, sn_b1 sn_b2 sn_n, sp_b1 sp_b2 sp_n, sw_b1 sw_b2
+# (the feature-axis strides sg_s, sn_s, sp_s and sw_u are the same for every key: kernel arguments).
+KEY_FIELDS = tl.constexpr(17)
+
+
+@triton.jit
+def _aligned(x, AL: tl.constexpr):
+    """x, known to the compiler as a multiple of AL (the host checked it is one): a loaded offset or stride
+    carries no divisibility information, which the vectorized chunk loads need."""
+    return (x // AL) * AL
+
+
+@triton.jit
+def _key_bases(pid, tab_ptr, NK, gen_ptr, neg_ptr, pos_ptr, w_ptr, AL: tl.constexpr):
+    """(key, row within the key, base pointers of the row, sg_n, sn_n, sp_n) of global row pid in a
+    multi-key launch. The key is found by a scan of the keys' first rows (NK is a few tens)."""
+    key = pid * 0
+    for j in range(1, NK):
+        key += (tl.load(tab_ptr + j * KEY_FIELDS) <= pid).to(tl.int32)
+    t = tab_ptr + key.to(tl.int64) * KEY_FIELDS
+    row = pid - tl.load(t)
+    B2 = tl.load(t + 1)
+    b1 = row // B2
+    b2 = row % B2
+    gen_row = gen_ptr + _aligned(tl.load(t + 2), AL) + b1 * _aligned(tl.load(t + 6), AL) \
+        + b2 * _aligned(tl.load(t + 7), AL)
+    neg_row = neg_ptr + _aligned(tl.load(t + 3), AL) + b1 * _aligned(tl.load(t + 9), AL) \
+        + b2 * _aligned(tl.load(t + 10), AL)
+    pos_row = pos_ptr + _aligned(tl.load(t + 4), AL) + b1 * _aligned(tl.load(t + 12), AL) \
+        + b2 * _aligned(tl.load(t + 13), AL)
+    w_row = w_ptr + tl.load(t + 5) + b1 * tl.load(t + 15) + b2 * tl.load(t + 16)
+    sg_n = _aligned(tl.load(t + 8), AL)
+    sn_n = _aligned(tl.load(t + 11), AL)
+    sp_n = _aligned(tl.load(t + 14), AL)
+    return key, row, gen_row, neg_row, pos_row, w_row, sg_n, sn_n, sp_n
+
+
 @triton.jit
 def _origin(gen_row, sg_s, offs_s, S, ACC: tl.constexpr):
     """x_0 [BS]: the row's first generated sample on this chunk, the translation applied to all targets."""
@@ -445,18 +485,23 @@ def _stream_sumsq(c_g, c_n, c_p, f_zero, gen_row, neg_row, pos_row, sg_n, sg_s, 
 
 # B2 takes any value at run time without a recompile (it only splits the program id); S stays specialized,
 # since its divisibility by 16 lets the masked chunk loads vectorize.
-@triton.jit(do_not_specialize=["B2"])
-def _field_scale_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, buf_ptr, out_ptr, B2, G, U, P, S,
+@triton.jit(do_not_specialize=["B2", "NK"])
+def _field_scale_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, buf_ptr, out_ptr, tab_ptr, NK, B2, G, U, P, S,
                         sg_b1, sg_b2, sg_n, sg_s, sn_b1, sn_b2, sn_n, sn_s, sp_b1, sp_b2, sp_n, sp_s,
                         sw_b1, sw_b2, sw_u,
                         HAS_NEG: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr, BG: tl.constexpr,
                         BU: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
-                        STORED: tl.constexpr):
+                        STORED: tl.constexpr, MULTI: tl.constexpr, AL: tl.constexpr):
     """Pass 1: out[b] = (sum_{i,m} dist[i, m] * tw[m], G * sum_m tw[m]) in fp64. STORED: the sweep forms the
-    whole target Gram matrix K and stores it in the row's output buffer for passes 2 and 3."""
+    whole target Gram matrix K and stores it in the row's output buffer for passes 2 and 3. MULTI: the rows of
+    NK keys (tab_ptr, see _key_bases); b indexes them all, as do buf and out."""
     pid = tl.program_id(0)
-    gen_row, neg_row, pos_row, w_row = _row_bases(pid, B2, gen_ptr, neg_ptr, pos_ptr, w_ptr, sg_b1, sg_b2,
-                                                  sn_b1, sn_b2, sp_b1, sp_b2, sw_b1, sw_b2)
+    if MULTI:
+        _, _, gen_row, neg_row, pos_row, w_row, sg_n, sn_n, sp_n = _key_bases(pid, tab_ptr, NK, gen_ptr, neg_ptr,
+                                                                          pos_ptr, w_ptr, AL)
+    else:
+        gen_row, neg_row, pos_row, w_row = _row_bases(pid, B2, gen_ptr, neg_ptr, pos_ptr, w_ptr, sg_b1, sg_b2,
+                                                      sn_b1, sn_b2, sp_b1, sp_b2, sw_b1, sw_b2)
     if STORED:
         k_gg, k_gn, k_gp, k_nn, k_np, k_pp, q_n, q_p = _gram(gen_row, neg_row, pos_row, sg_n, sg_s, sn_n, sn_s,
                                                              sp_n, sp_s, G, U, P, 0, S, S, HAS_NEG, ACC, BG, BU,
@@ -474,88 +519,29 @@ def _field_scale_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, buf_ptr, out_ptr, B2, 
     _scale_sums_out(out_ptr, pid, d_gg, d_gn, d_gp, w, G, P, HAS_NEG, BG, BP)
 
 
-# The split stored route (few rows: B below the SM count) cuts each row's columns into J blocks, the first J-1
-# of width W (a multiple of 128, so of every BS) and the last of width S - (J-1) W in [W, 2W), each wide enough
-# to hold K: pass 1 runs B*J programs (_field_gram_part_kernel) and a per-row reduction
-# (_field_gram_reduce_kernel), and pass 3 B*J programs, each reading K from its own block and overwriting only
-# that block with the force (so again no program reads what another one writes).
-
-@triton.jit(do_not_specialize=["B2", "J"])
-def _field_gram_part_kernel(gen_ptr, neg_ptr, pos_ptr, buf_ptr, J, W, B2, G, U, P, S,
-                            sg_b1, sg_b2, sg_n, sg_s, sn_b1, sn_b2, sn_n, sn_s, sp_b1, sp_b2, sp_n, sp_s,
-                            HAS_NEG: tl.constexpr, ACC: tl.constexpr, BG: tl.constexpr, BU: tl.constexpr,
-                            BP: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
-    """Pass 1a of the split stored route: program (row, j) forms the Gram blocks of the targets' columns in
-    block j and writes them into that block of the row's buffer."""
-    pid = tl.program_id(0)
-    row = pid // J
-    j = pid % J
-    gen_row, neg_row, pos_row, _ = _row_bases(row, B2, gen_ptr, neg_ptr, pos_ptr, gen_ptr, sg_b1, sg_b2,
-                                              sn_b1, sn_b2, sp_b1, sp_b2, 0, 0)
-    c0 = tl.multiple_of(j * W, 128)
-    c1 = tl.where(j == J - 1, S, c0 + W)
-    k_gg, k_gn, k_gp, k_nn, k_np, k_pp, q_n, q_p = _gram(gen_row, neg_row, pos_row, sg_n, sg_s, sn_n, sn_s,
-                                                         sp_n, sp_s, G, U, P, c0, c1, S, HAS_NEG, ACC, BG, BU,
-                                                         BP, BS, PREC, False)
-    _store_k(buf_ptr + row.to(tl.int64) * G * S + c0, c1 - c0, S, k_gg, k_gn, k_gp, k_nn, k_np, k_pp, G, U, P,
-             HAS_NEG, BG, BU, BP)
-
-
-@triton.jit(do_not_specialize=["B2", "J"])
-def _field_gram_reduce_kernel(w_ptr, buf_ptr, out_ptr, J, W, B2, G, U, P, S, sw_b1, sw_b2, sw_u,
-                              HAS_NEG: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr, BG: tl.constexpr,
-                              BU: tl.constexpr, BP: tl.constexpr):
-    """Pass 1b of the split stored route: program b sums its row's J partial Gram matrices (in block order,
-    so the result does not depend on scheduling), writes the total into every block (pass 3's programs each
-    read their own copy; pass 2 reads block 0) and stores the row's scale partials as pass 1 does."""
-    row = tl.program_id(0)
-    base = buf_ptr + row.to(tl.int64) * G * S
-    k_gg = tl.zeros((BG, BG), dtype=ACC)
-    k_gn = tl.zeros((BG, BU), dtype=ACC)
-    k_gp = tl.zeros((BG, BP), dtype=ACC)
-    k_nn = tl.zeros((BU, BU), dtype=ACC)
-    k_np = tl.zeros((BU, BP), dtype=ACC)
-    k_pp = tl.zeros((BP, BP), dtype=ACC)
-    for j in range(J):
-        c0 = j * W
-        kw = tl.where(j == J - 1, S - c0, W)
-        a_gg, a_gn, a_gp, _, _ = _load_k_gen(base + c0, kw, S, G, U, P, HAS_NEG, BG, BU, BP)
-        a_nn, a_np, a_pp = _load_k_rest(base + c0, kw, S, G, U, P, HAS_NEG, BU, BP, ACC)
-        k_gg += a_gg
-        k_gn += a_gn
-        k_gp += a_gp
-        k_nn += a_nn
-        k_np += a_np
-        k_pp += a_pp
-    tl.debug_barrier()  # every thread has read every partial before any block is overwritten
-    for j in range(J):
-        c0 = j * W
-        kw = tl.where(j == J - 1, S - c0, W)
-        _store_k(base + c0, kw, S, k_gg, k_gn, k_gp, k_nn, k_np, k_pp, G, U, P, HAS_NEG, BG, BU, BP)
-    d_gg, d_gn, d_gp = _distances(k_gg, k_gn, k_gp, _diag(k_nn, BU), _diag(k_pp, BP), BG)
-    b1 = (row // B2).to(tl.int64)
-    b2 = (row % B2).to(tl.int64)
-    w = _neg_weights(w_ptr + b1 * sw_b1 + b2 * sw_b2, sw_u, U, HAS_NEG, HAS_W, ACC, BU)
-    _scale_sums_out(out_ptr, row, d_gg, d_gn, d_gp, w, G, P, HAS_NEG, BG, BP)
-
-
-@triton.jit(do_not_specialize=["B2"])
+@triton.jit(do_not_specialize=["B2", "NK"])
 def _field_sumsq_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, buf_ptr, sums_ptr, consts_ptr, out_ptr, spread_tol,
-                        kw, NR, B2, G, U, P, S,
+                        kw, NR, tab_ptr, NK, B2, G, U, P, S,
                         sg_b1, sg_b2, sg_n, sg_s, sn_b1, sn_b2, sn_n, sn_s, sp_b1, sp_b2, sp_n, sp_s,
                         sw_b1, sw_b2, sw_u,
                         NORM: tl.constexpr, HAS_NEG: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
                         BG: tl.constexpr, BU: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
-                        PREC: tl.constexpr, ROUTE: tl.constexpr):
+                        PREC: tl.constexpr, ROUTE: tl.constexpr, MULTI: tl.constexpr, AL: tl.constexpr):
     """Pass 2: out[b, r] = ||force_r||^2 of row b in scaled coordinates (before the RMS normalization), fp64,
     and out[b, NR] = G * S (the count of the mean). ROUTE 0: stream T once per R; 1: form K in one sweep,
     then ||c T||^2 = sum c K c^T; 2 (stored): read K from pass 1's buffer, no S sweep, except for an R whose
     Gram estimate is ill-conditioned (spread * spread_tol > estimate), which is streamed instead. kw: the
-    width of the buffer's first column block, which holds K (S, or W on the split stored route)."""
+    width of the buffer's first column block, which holds K (S, or W on the split stored route). MULTI: as in
+    pass 1, each row reading its key's sums (sums_ptr + 2 * key)."""
     pid = tl.program_id(0)
-    gen_row, neg_row, pos_row, w_row = _row_bases(pid, B2, gen_ptr, neg_ptr, pos_ptr, w_ptr, sg_b1, sg_b2,
-                                                  sn_b1, sn_b2, sp_b1, sp_b2, sw_b1, sw_b2)
-    scale, sc, si = _scales(sums_ptr, consts_ptr, ACC)
+    if MULTI:
+        key, _, gen_row, neg_row, pos_row, w_row, sg_n, sn_n, sp_n = _key_bases(pid, tab_ptr, NK, gen_ptr,
+                                                                            neg_ptr, pos_ptr, w_ptr, AL)
+    else:
+        key = 0
+        gen_row, neg_row, pos_row, w_row = _row_bases(pid, B2, gen_ptr, neg_ptr, pos_ptr, w_ptr, sg_b1, sg_b2,
+                                                      sn_b1, sn_b2, sp_b1, sp_b2, sw_b1, sw_b2)
+    scale, sc, si = _scales(sums_ptr + 2 * key, consts_ptr, ACC)
     w = _neg_weights(w_row, sw_u, U, HAS_NEG, HAS_W, ACC, BU)
     f_zero = tl.zeros((BG, BS), dtype=ACC) * sc  # zeros for _mma
     if ROUTE == 2:
@@ -599,25 +585,36 @@ def _field_sumsq_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, buf_ptr, sums_ptr, con
     tl.store(out_row + NR, pid.to(tl.float64) * 0.0 + G * S)  # (G, S may be constexpr 1: no .to on them)
 
 
-@triton.jit(do_not_specialize=["B2", "J"])
+@triton.jit(do_not_specialize=["B2", "J", "NK"])
 def _field_force_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, buf_ptr, sums_ptr, stats_ptr, consts_ptr, loss_ptr,
-                        scalars_ptr, J, W, NR, B2, G, U, P, S,
+                        scalars_ptr, J, W, NR, tab_ptr, NK, B2, G, U, P, S,
                         sg_b1, sg_b2, sg_n, sg_s, sn_b1, sn_b2, sn_n, sn_s, sp_b1, sp_b2, sp_n, sp_s,
                         sw_b1, sw_b2, sw_u,
                         NORM: tl.constexpr, HAS_NEG: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
                         BG: tl.constexpr, BU: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
-                        PREC: tl.constexpr, STORED: tl.constexpr):
+                        PREC: tl.constexpr, STORED: tl.constexpr, MULTI: tl.constexpr, AL: tl.constexpr):
     """Pass 3: buf[b] = force = sum_R c_R T / (rms_R * scale_inputs) [G, S], loss[b] = mean(force[b]^2), with
     rms_R = sqrt(max(stats[R] / stats[NR], 1e-8)) from the global fp64 sums; program 0 also writes
     scalars = [scale, scale_inputs, sqrt(stats[R] / stats[NR]) for each R]. STORED: the distances come from
     the K that pass 1 left in buf[b], which this program then overwrites with the force. J > 1 (split stored
     route): program (b, j) does the columns of block j (the first J-1 W wide, the last to S) with the copy
-    of K in that block, and loss_ptr[b * J + j] gets that block's part of the row's loss."""
+    of K in that block, and loss_ptr[b * J + j] gets that block's part of the row's loss. MULTI (J = 1): as
+    in pass 1; each row reads its key's sums and stats, and each key's first row writes its key's scalars
+    (scalars_ptr + key * (2 + NR))."""
     pid = tl.program_id(0)
     row = pid // J
     j = pid % J
-    gen_row, neg_row, pos_row, w_row = _row_bases(row, B2, gen_ptr, neg_ptr, pos_ptr, w_ptr, sg_b1, sg_b2,
-                                                  sn_b1, sn_b2, sp_b1, sp_b2, sw_b1, sw_b2)
+    if MULTI:
+        key, key_row, gen_row, neg_row, pos_row, w_row, sg_n, sn_n, sp_n = _key_bases(row, tab_ptr, NK, gen_ptr,
+                                                                                  neg_ptr, pos_ptr, w_ptr, AL)
+    else:
+        key = 0
+        key_row = row
+        gen_row, neg_row, pos_row, w_row = _row_bases(row, B2, gen_ptr, neg_ptr, pos_ptr, w_ptr, sg_b1, sg_b2,
+                                                      sn_b1, sn_b2, sp_b1, sp_b2, sw_b1, sw_b2)
+    sums_ptr += 2 * key
+    stats_ptr += (NR + 1) * key
+    scalars_ptr += (NR + 2) * key
     scale, sc, si = _scales(sums_ptr, consts_ptr, ACC)
     w = _neg_weights(w_row, sw_u, U, HAS_NEG, HAS_W, ACC, BU)
     out_row = buf_ptr + row.to(tl.int64) * G * S
@@ -643,7 +640,7 @@ def _field_force_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, buf_ptr, sums_ptr, sta
         t_g += c_g * k
         t_n += c_n * k
         t_p += c_p * k
-    if pid == 0:
+    if (key_row == 0) & (j == 0):
         tl.store(scalars_ptr, scale)
         tl.store(scalars_ptr + 1, si)
         for r in range(NR):
@@ -665,3 +662,21 @@ def _field_force_kernel(gen_ptr, neg_ptr, pos_ptr, w_ptr, buf_ptr, sums_ptr, sta
         tl.store(out_row + offs_g[:, None] * S + offs_s[None, :], f,
                  mask=(offs_g[:, None] < G) & (offs_s[None, :] < S))
     tl.store(loss_ptr + pid, tl.sum(ss, axis=0) / (G * S))
+
+
+@triton.jit(do_not_specialize=["C"])
+def _segment_sum_kernel(part_ptr, seg_ptr, out_ptr, C, BR: tl.constexpr, BC: tl.constexpr):
+    """out[k, :] = sum of the fp64 rows part[seg[k]:seg[k + 1], :C] (program k), in a fixed order: the rows go
+    to BR lanes by their position from seg[k], so a key's sums come out bit for bit the same whether its rows
+    are reduced alone or as one segment of a multi-key launch (and do not depend on scheduling)."""
+    k = tl.program_id(0)
+    r0 = tl.load(seg_ptr + k)
+    r1 = tl.load(seg_ptr + k + 1)
+    offs_r = tl.arange(0, BR)
+    offs_c = tl.arange(0, BC)
+    acc = tl.zeros((BR, BC), dtype=tl.float64)
+    for r in range(r0, r1, BR):
+        rows = r + offs_r
+        ok = (rows[:, None] < r1) & (offs_c[None, :] < C)
+        acc += tl.load(part_ptr + rows[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+    tl.store(out_ptr + k * C + offs_c, tl.sum(acc, axis=0), mask=offs_c < C)

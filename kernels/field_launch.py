@@ -23,10 +23,10 @@ import torch
 import triton.language as tl
 
 from . import INTERPRETED
-from .field_device import (RMS_EPS, _field_force_kernel, _field_gram_part_kernel, _field_gram_reduce_kernel,
-                           _field_scale_kernel, _field_sumsq_kernel)
+from .field_device import RMS_EPS, _field_force_kernel, _field_scale_kernel, _field_sumsq_kernel, _segment_sum_kernel
+from .field_device_split import _field_gram_part_kernel, _field_gram_reduce_kernel
 from .field_tuning import (BEST_MS, FORCED, PROXY_NORM, R_LIST_DEFAULT, ROUTE_NAMES, ROUTE_RECOMPUTE, ROUTE_SPLIT,
-                           ROUTE_STORED, ROUTES, SPLIT_ALIGN, Config, block_sizes, candidates, choose_route,
+                           ROUTE_STORED, ROUTES, SPLIT_ALIGN, Config, _next_pow2, block_sizes, candidates, choose_route,
                            gram_floats, num_sms, reset, routes_offered, rows_bucket, split_blocks, stored_fits,
                            tuned_launch)
 
@@ -66,10 +66,16 @@ def _strides4(t: torch.Tensor, tail: int) -> Tuple[int, ...]:
 class _Plan:
     """Everything about a call that depends only on the inputs' shapes, strides, dtypes and device: the
     launch geometry, the kernels' stride arguments, the tuning key, the routes offered and the configurations
-    chosen. Built once per signature, so a repeated call does no shape work on the host."""
+    chosen. Built once per signature, so a repeated call does no shape work on the host.
+
+    A multi-key launch (field_multi.py) uses the same plan for the rows of all its keys (multi=True): nk keys,
+    whose first rows `seg` (a device tensor [nk + 1], the last entry B) holds; per call, `tab` is the key table
+    (field_device._key_bases) and `al` the alignment the kernels may assume of its offsets and strides. A
+    single-key plan has nk = 1, no table and seg = [0, B]."""
 
     __slots__ = ("batch", "B", "B2", "G", "U", "P", "S", "has_neg", "has_w", "merge", "strides", "key", "acc",
-                 "acc_dt", "prec", "BG", "BU", "BP", "device", "stored_ok", "split", "route", "cfg")
+                 "acc_dt", "prec", "BG", "BU", "BP", "device", "stored_ok", "split", "route", "cfg", "multi", "nk",
+                 "seg", "tab", "al")
 
     def args(self, gen, pos, neg, w):
         """(gen, neg, pos, w) as the kernels take them (neg and w replaced by gen where absent)."""
@@ -152,6 +158,8 @@ def _make_plan(gen, pos, neg, w) -> _Plan:
     p.split = split_blocks(p.G, p.U, p.P, p.S, p.B, num_sms(gen.device))
     p.route = None  # (route, J, W) of the latest pass 1 with this plan (passes 2 and 3 follow it)
     p.cfg = {}
+    p.multi, p.nk, p.tab, p.al = False, 1, None, 1
+    p.seg = _segments((0, p.B), p.device)
     return p
 
 
@@ -165,6 +173,29 @@ def _plan(gen, pos, neg, w) -> _Plan:
 
 
 _CONSTS = _LRU(CONSTS_CACHE_SIZE)  # (temperatures, S, device, dtype) -> constants tensor on the device
+_SEGMENTS = _LRU(CONSTS_CACHE_SIZE)  # (row boundaries, device) -> int64 tensor on the device
+SEGMENT_ROWS = 128  # rows per iteration of the per-key row sums (fp64 [128, <= 8] tiles)
+
+
+def _segments(bounds: tuple, device) -> torch.Tensor:
+    """The row boundaries of a launch's keys as an int64 device tensor, cached (a plan is built once per
+    signature, but several signatures share their boundaries, and each copy to the device blocks)."""
+    key = (bounds, device)
+    out = _SEGMENTS.get(key)
+    if out is None:
+        out = torch.tensor(bounds, dtype=torch.int64, device=device)
+        _SEGMENTS.put(key, out)
+    return out
+
+
+def _row_sums(p: _Plan, part: torch.Tensor) -> torch.Tensor:
+    """Per-key sums of the per-row fp64 partials part [B, C]: [nk, C] for a multi-key plan, [C] otherwise. One
+    program per key, rows in a fixed order (field_device._segment_sum_kernel), so a key's sums are the same
+    bits whether it ran alone or in a multi-key launch."""
+    C = part.shape[1]
+    out = torch.empty((p.nk, C), dtype=torch.float64, device=part.device)
+    _segment_sum_kernel[(p.nk,)](part, p.seg, out, C, BR=SEGMENT_ROWS, BC=_next_pow2(C))
+    return out if p.multi else out.view(C)
 
 
 def _consts(temperatures, S: int, device, dt) -> torch.Tensor:
@@ -190,9 +221,15 @@ def _spread_tol(p: _Plan) -> float:
 
 def _launch_scale(p: _Plan, args, buf, part, c: Config) -> None:
     g, n, q, w = args
-    _field_scale_kernel[(p.B,)](g, n, q, w, buf, part, p.B2, p.G, p.U, p.P, p.S, *p.strides,
+    _field_scale_kernel[(p.B,)](g, n, q, w, buf, part, _table(p, g), p.nk, p.B2, p.G, p.U, p.P, p.S, *p.strides,
                                 HAS_NEG=p.has_neg, HAS_W=p.has_w, ACC=p.acc, BG=p.BG, BU=p.BU, BP=p.BP, BS=c.BS,
-                                PREC=p.prec, STORED=c.STORED, num_warps=c.num_warps, num_stages=c.num_stages)
+                                PREC=p.prec, STORED=c.STORED, MULTI=p.multi, AL=p.al, num_warps=c.num_warps,
+                                num_stages=c.num_stages)
+
+
+def _table(p: _Plan, like: torch.Tensor) -> torch.Tensor:
+    """The key table argument: the call's table for a multi-key plan, any tensor otherwise (never read)."""
+    return p.tab if p.multi else like
 
 
 def _check_blocks(W: int, c: Config) -> None:
@@ -219,10 +256,10 @@ def _launch_reduce(p: _Plan, args, buf, part, J: int, W: int, c: Config) -> None
 def _launch_sumsq(p: _Plan, args, buf, sums, consts, part, nR: int, norm: int, kw: int, c: Config) -> None:
     g, n, q, w = args
     route = 2 if c.STORED else (1 if c.GRAM else 0)
-    _field_sumsq_kernel[(p.B,)](g, n, q, w, buf, sums, consts, part, _spread_tol(p), kw, nR, p.B2, p.G, p.U,
-                                p.P, p.S, *p.strides, NORM=norm, HAS_NEG=p.has_neg, HAS_W=p.has_w, ACC=p.acc,
-                                BG=p.BG, BU=p.BU, BP=p.BP, BS=c.BS, PREC=p.prec, ROUTE=route,
-                                num_warps=c.num_warps, num_stages=c.num_stages)
+    _field_sumsq_kernel[(p.B,)](g, n, q, w, buf, sums, consts, part, _spread_tol(p), kw, nR, _table(p, g), p.nk,
+                                p.B2, p.G, p.U, p.P, p.S, *p.strides, NORM=norm, HAS_NEG=p.has_neg, HAS_W=p.has_w,
+                                ACC=p.acc, BG=p.BG, BU=p.BU, BP=p.BP, BS=c.BS, PREC=p.prec, ROUTE=route,
+                                MULTI=p.multi, AL=p.al, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _launch_force(p: _Plan, args, buf, sums, stats, consts, loss, scalars, nR: int, norm: int, J: int, W: int,
@@ -232,10 +269,11 @@ def _launch_force(p: _Plan, args, buf, sums, stats, consts, loss, scalars, nR: i
         J, W = 1, p.S  # (the recompute kernel writes every column from the inputs)
     elif J > 1:
         _check_blocks(W, c)
-    _field_force_kernel[(p.B * J,)](g, n, q, w, buf, sums, stats, consts, loss, scalars, J, W, nR, p.B2, p.G,
-                                    p.U, p.P, p.S, *p.strides, NORM=norm, HAS_NEG=p.has_neg, HAS_W=p.has_w,
-                                    ACC=p.acc, BG=p.BG, BU=p.BU, BP=p.BP, BS=c.BS, PREC=p.prec, STORED=c.STORED,
-                                    num_warps=c.num_warps, num_stages=c.num_stages)
+    _field_force_kernel[(p.B * J,)](g, n, q, w, buf, sums, stats, consts, loss, scalars, J, W, nR, _table(p, g),
+                                    p.nk, p.B2, p.G, p.U, p.P, p.S, *p.strides, NORM=norm, HAS_NEG=p.has_neg,
+                                    HAS_W=p.has_w, ACC=p.acc, BG=p.BG, BU=p.BU, BP=p.BP, BS=c.BS, PREC=p.prec,
+                                    STORED=c.STORED, MULTI=p.multi, AL=p.al, num_warps=c.num_warps,
+                                    num_stages=c.num_stages)
 
 
 def _on_copy(launch_into: Callable[[torch.Tensor, Config], None], buf: torch.Tensor) -> Callable[[Config], None]:
@@ -255,13 +293,13 @@ def _run_pass1(p: _Plan, args, buf, part, route: int) -> tuple:
     if route != ROUTE_SPLIT:
         return (tuned_launch("scale", p.key + (route,),
                              candidates("scale", p.G, p.U, p.P, p.S, stored=route == ROUTE_STORED),
-                             lambda c: _launch_scale(p, args, buf, part, c), route=route),)
+                             lambda c: _launch_scale(p, args, buf, part, c), route=route, device=p.device),)
     J, W = p.split
     c1 = tuned_launch("scale", p.key + (route, J), candidates("scale", p.G, p.U, p.P, p.S, stored=True, split=True),
-                      lambda c: _launch_part(p, args, buf, J, W, c), route=route)
+                      lambda c: _launch_part(p, args, buf, J, W, c), route=route, device=p.device)
     into = lambda b, c: _launch_reduce(p, args, b, part, J, W, c)  # noqa: E731
     c2 = tuned_launch("reduce", p.key + (J,), candidates("reduce", p.G, p.U, p.P, p.S), lambda c: into(buf, c),
-                      _on_copy(into, buf), route=route)
+                      _on_copy(into, buf), route=route, device=p.device)
     return c1, c2
 
 
@@ -276,7 +314,8 @@ def _launch_pass1(p: _Plan, args, buf, part, route: int, cfgs: tuple, J: int, W:
 def _run_sumsq(p: _Plan, args, buf, sums, consts, part, nR: int, norm: int, route: int, kw: int) -> Config:
     return tuned_launch("sumsq", p.key + (norm, nR, route),
                         candidates("sumsq", p.G, p.U, p.P, p.S, nR, stored=route != ROUTE_RECOMPUTE),
-                        lambda c: _launch_sumsq(p, args, buf, sums, consts, part, nR, norm, kw, c), route=route)
+                        lambda c: _launch_sumsq(p, args, buf, sums, consts, part, nR, norm, kw, c), route=route,
+                        device=p.device)
 
 
 def _run_force(p: _Plan, args, buf, sums, stats, consts, loss, scalars, nR: int, norm: int, route: int,
@@ -288,7 +327,7 @@ def _run_force(p: _Plan, args, buf, sums, stats, consts, loss, scalars, nR: int,
     return tuned_launch("force", p.key + (norm, nR, route, J),
                         candidates("force", p.G, p.U, p.P, p.S, nR, stored=route != ROUTE_RECOMPUTE,
                                    split=route == ROUTE_SPLIT),
-                        lambda c: into(buf, c), trial, route=route)
+                        lambda c: into(buf, c), trial, route=route, device=p.device)
 
 
 def _measure_route(p: _Plan, args, buf, part, route: int) -> float:
@@ -297,13 +336,13 @@ def _measure_route(p: _Plan, args, buf, part, route: int) -> float:
     nR = len(R_LIST_DEFAULT)
     consts = _consts(R_LIST_DEFAULT, p.S, p.device, p.acc_dt)
     _run_pass1(p, args, buf, part, route)
-    sums = part.sum(0)
+    sums = _row_sums(p, part)
     part2 = torch.empty((p.B, nR + 1), dtype=torch.float64, device=p.device)
     J, W = p.split if route == ROUTE_SPLIT else (1, p.S)
     _run_sumsq(p, args, buf, sums, consts, part2, nR, PROXY_NORM, route, W)
-    stats = part2.sum(0)
+    stats = _row_sums(p, part2)
     loss = torch.empty(p.B * J, dtype=p.acc_dt, device=p.device)
-    scalars = torch.empty(2 + nR, dtype=p.acc_dt, device=p.device)
+    scalars = torch.empty(p.nk * (2 + nR), dtype=p.acc_dt, device=p.device)
     out = buf if route == ROUTE_RECOMPUTE else buf.clone()  # a stored pass 3 overwrites the K pass 2 reads later
     _run_force(p, args, out, sums, stats, consts, loss, scalars, nR, PROXY_NORM, route, J, W, scratch=True)
     keys = [("scale",) + p.key + ((route, J) if route == ROUTE_SPLIT else (route,)),
@@ -322,6 +361,8 @@ def _pass1(p: _Plan, args, buf, part) -> tuple:
             raise ValueError(f"forced stored route, but K ({gram_floats(p.G, p.U, p.P)} floats) does not fit in a "
                              f"row's output ({p.G}x{p.S}), or DRIFT_TRITON_STORED=0")
         J, W = 1, p.S
+        if route == ROUTE_SPLIT and p.multi:
+            raise ValueError("forced split route, but a multi-key launch runs the recompute or stored route")
         if route == ROUTE_SPLIT:
             J, W = (split_blocks(p.G, p.U, p.P, p.S, p.B, 0, J=int(FORCED["split"])) if "split" in FORCED
                     else p.split)
@@ -385,23 +426,16 @@ def _pass23(p: _Plan, kernel: str, extra: tuple, run: Callable[[int], Config], l
 # The three passes (drift/field/three_pass.py strings them together)
 # ---------------------------------------------------------------------------------------------------
 
-def field_scale_sums(gen, pos, neg=None, neg_weight=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1: ([sum_{b,i,m} dist*tw, G * sum_{b,m} tw] in fp64, buf [*batch, G, S] in the compute dtype).
-
-    buf becomes the force in pass 3; on the stored routes it carries the rows' Gram matrices until then."""
-    p = _plan(gen, pos, neg, neg_weight)
-    args = p.args(gen, pos, neg, neg_weight)
-    buf = torch.empty(p.batch + (p.G, p.S), dtype=p.acc_dt, device=p.device)
+def run_pass1(p: _Plan, args) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 with plan p on the kernel arguments args: (per-key fp64 scale sums, buf [B, G, S] flat)."""
+    buf = torch.empty((p.B, p.G, p.S), dtype=p.acc_dt, device=p.device)
     part = torch.empty((p.B, 2), dtype=torch.float64, device=p.device)
     p.route = _pass1(p, args, buf, part)
-    return part.sum(0), buf
+    return _row_sums(p, part), buf
 
 
-def field_sumsq(gen, pos, neg, neg_weight, buf, sums, temperatures, normalization) -> torch.Tensor:
-    """Pass 2: [sum over rows of ||force_R||^2 (scaled coordinates) for each R, B * G * S] in fp64, given the
-    global fp64 scale sums of pass 1."""
-    p = _plan(gen, pos, neg, neg_weight)
-    args = p.args(gen, pos, neg, neg_weight)
+def run_pass2(p: _Plan, args, buf, sums, temperatures, normalization) -> torch.Tensor:
+    """Pass 2 with plan p: per-key fp64 [sum of ||force_R||^2 for each R, rows * G * S]."""
     route, _, W = p.route or (ROUTE_RECOMPUTE, 1, p.S)
     nR = len(temperatures)
     norm = NORM_CODES[normalization]
@@ -410,26 +444,47 @@ def field_sumsq(gen, pos, neg, neg_weight, buf, sums, temperatures, normalizatio
     _pass23(p, "sumsq", (norm, nR),
             lambda rt: _run_sumsq(p, args, buf, sums, consts, part, nR, norm, rt, W),
             lambda c: _launch_sumsq(p, args, buf, sums, consts, part, nR, norm, W, c), route)
-    return part.sum(0)
+    return _row_sums(p, part)
+
+
+def run_pass3(p: _Plan, args, buf, sums, stats, temperatures, normalization) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pass 3 with plan p: writes the force into buf and returns (loss [B] flat, scalars [nk, 2 + nR])."""
+    route, J, W = p.route or (ROUTE_RECOMPUTE, 1, p.S)
+    nR = len(temperatures)
+    norm = NORM_CODES[normalization]
+    consts = _consts(temperatures, p.S, p.device, p.acc_dt)
+    loss = torch.empty(p.B * J, dtype=p.acc_dt, device=p.device)
+    scalars = torch.empty((p.nk, 2 + nR), dtype=p.acc_dt, device=p.device)
+    cfg = _pass23(p, "force", (norm, nR, J),
+                  lambda rt: _run_force(p, args, buf, sums, stats, consts, loss, scalars, nR, norm, rt, J, W),
+                  lambda c: _launch_force(p, args, buf, sums, stats, consts, loss, scalars, nR, norm, J, W, c), route)
+    if J > 1:  # one partial per (row, block) on the split route, unless pass 3 fell back to recompute
+        loss = loss.view(p.B, J).sum(1) if cfg.STORED else loss[:p.B]
+    return loss, scalars
+
+
+def field_scale_sums(gen, pos, neg=None, neg_weight=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: ([sum_{b,i,m} dist*tw, G * sum_{b,m} tw] in fp64, buf [*batch, G, S] in the compute dtype).
+
+    buf becomes the force in pass 3; on the stored routes it carries the rows' Gram matrices until then."""
+    p = _plan(gen, pos, neg, neg_weight)
+    sums, buf = run_pass1(p, p.args(gen, pos, neg, neg_weight))
+    return sums, buf.view(p.batch + (p.G, p.S))
+
+
+def field_sumsq(gen, pos, neg, neg_weight, buf, sums, temperatures, normalization) -> torch.Tensor:
+    """Pass 2: [sum over rows of ||force_R||^2 (scaled coordinates) for each R, B * G * S] in fp64, given the
+    global fp64 scale sums of pass 1."""
+    p = _plan(gen, pos, neg, neg_weight)
+    return run_pass2(p, p.args(gen, pos, neg, neg_weight), buf, sums, temperatures, normalization)
 
 
 def field_force(gen, pos, neg, neg_weight, buf, sums, stats, temperatures, normalization):
     """Pass 3: writes the force into buf (in place) and returns (loss [*batch], scalars [2 + nR]) with
     scalars = [scale, scale_inputs, force_rms...], from the global fp64 sums of passes 1 and 2."""
     p = _plan(gen, pos, neg, neg_weight)
-    args = p.args(gen, pos, neg, neg_weight)
-    route, J, W = p.route or (ROUTE_RECOMPUTE, 1, p.S)
-    nR = len(temperatures)
-    norm = NORM_CODES[normalization]
-    consts = _consts(temperatures, p.S, p.device, p.acc_dt)
-    loss = torch.empty(p.batch if J == 1 else (p.B * J,), dtype=p.acc_dt, device=p.device)  # (written flat)
-    scalars = torch.empty(2 + nR, dtype=p.acc_dt, device=p.device)
-    cfg = _pass23(p, "force", (norm, nR, J),
-                  lambda rt: _run_force(p, args, buf, sums, stats, consts, loss, scalars, nR, norm, rt, J, W),
-                  lambda c: _launch_force(p, args, buf, sums, stats, consts, loss, scalars, nR, norm, J, W, c), route)
-    if J > 1:  # one partial per (row, block) on the split route, unless pass 3 fell back to recompute
-        loss = (loss.view(p.B, J).sum(1) if cfg.STORED else loss[:p.B]).view(p.batch)
-    return loss, scalars
+    loss, scalars = run_pass3(p, p.args(gen, pos, neg, neg_weight), buf, sums, stats, temperatures, normalization)
+    return loss.view(p.batch), scalars.view(-1)
 
 
 def route_of(gen, pos, neg=None, neg_weight=None) -> Optional[str]:
@@ -442,7 +497,11 @@ def route_of(gen, pos, neg=None, neg_weight=None) -> Optional[str]:
     return None if route is None else ROUTE_NAMES[route]
 
 
+PLAN_CACHES = [_PLANS]  # every cache of plans (field_multi.py adds its call plans), cleared by reset_tuning
+
+
 def reset_tuning() -> None:
     """Forget tuned configurations, routes and launch plans (tests; a later call tunes again)."""
     reset()
-    _PLANS.clear()
+    for cache in PLAN_CACHES:
+        cache.clear()

@@ -3,9 +3,19 @@
 What is decided here, once per tuning key (row shape, dtype, optional inputs, contiguity, occupancy regime):
 the route (recompute, stored or split; see ../docs/field_kernels.md, relative to this folder) and per kernel
 the S chunk BS, num_warps, num_stages and (pass 2) the in-kernel Gram route. `candidates` lists what the
-tuner tries, `tuned_launch` times them and keeps the fastest, `choose_route` times whole routes through a
-measuring function that field_launch.py provides. DRIFT_TRITON_AUTOTUNE=0 turns tuning off (first candidate
-that launches; split, else stored route where offered), and the interpreter never tunes.
+tuner may try, calibrated default first. Two modes (DRIFT_TRITON_AUTOTUNE):
+
+* "0" (the default): no timing. The route is split, else stored where offered, and each kernel runs the first
+  candidate that launches. The candidate lists are ordered so that this is the configuration the tuner chose
+  on an H200 at most shapes of the benchmark grid (see _CANDIDATES), and the route rule is what the tuner
+  chose at every shape there: a first call costs only the compiles of the configurations it runs.
+* "1": `tuned_launch` compiles and times every candidate the first time a key is seen and keeps the fastest;
+  `choose_route` times whole routes through a measuring function that field_launch.py provides.
+
+In both modes a configuration or route that an earlier process tuned on the same GPU model, Triton version
+and kernel code is taken from the store set with `set_store` (drift/field/tune_cache.py: a JSON file on disk),
+and in mode "1" every new tuning result is written there, so that tuning happens once per machine, not once
+per process. The interpreter never tunes.
 
 Caches: the tuned configurations, their times, the route decisions and the tuning log are not bounded: an
 entry is only made when a new tuning key is launched, which costs a Triton compile (seconds) per key anyway,
@@ -23,8 +33,9 @@ import torch
 
 from . import INTERPRETED
 
-# Tuning needs CUDA events; the interpreter runs one fixed configuration.
-AUTOTUNE = os.environ.get("DRIFT_TRITON_AUTOTUNE", "1") != "0" and not INTERPRETED
+# Tuning needs CUDA events; the interpreter runs one fixed configuration. Off by default: the calibrated first
+# candidates need no timing, so a first training step compiles a few kernels instead of every candidate.
+AUTOTUNE = os.environ.get("DRIFT_TRITON_AUTOTUNE", "0") == "1" and not INTERPRETED
 # DRIFT_TRITON_GRAM=0 keeps pass 2 of the recompute route on streaming. The Gram route's ||c T||^2 = sum c K c^T
 # cancels where the force is small next to the targets' spread (gen close to the data): its rounding error
 # grows with that ratio, while the streaming route forms the force itself, like the reference (the stored
@@ -66,9 +77,15 @@ class Config(NamedTuple):
 # 128 registers and spill 0.1-0.4 KB. Shared memory: 16-33 KB (pass 1) and ~90 KB (passes 2-3) at one
 # stage, +9/+18 KB per extra stage at BS 16/32. The Gram kernel holds the six Gram blocks in shared memory
 # (~190 KB at any BS: one program per SM) and spills ~0.25 KB at BS 16, more at larger BS.
-# Every candidate is one compile (~2-5 s): the lists are kept short.
-_CANDIDATES = ((32, 8, 1), (16, 8, 2), (32, 8, 2), (16, 8, 3), (32, 8, 3), (64, 8, 2), (32, 16, 2))
-_GRAM_CANDIDATES = ((16, 8, 1), (16, 8, 3), (32, 8, 2))
+# Every candidate is one compile (~2-5 s): the lists are kept short. Each list starts with the configuration
+# the tuner chose most often on an H200 (triton 3.6; benchmarks/results/field-NVIDIA_H200-20261126T051723Z.json,
+# G, U, P = 64, 16, 64, B = 8..8192, S = 64..4096), the untuned default: recompute scale and force BS64/w8/s2 at
+# every shape (streaming sumsq too, at S = 64), Gram sumsq BS32/w8/s2 (within 1% of BS16/w8/s3 where that won);
+# stored scale BS32/w8/s2 (BS64/w8/s2 won at S = 4096 by ~2%), sumsq BS32/w8/s1, force BS64/w8/s3 (BS64/w8/s1
+# at B = 8 by ~2%); split pass 1 BS32/w8/s2 or s1, reduction BS16/w8/s1, force BS64/w8/s1. The first candidate
+# was at most 3% slower than the winner at B >= 512 and at most 11% (3 us) at B = 8.
+_CANDIDATES = ((64, 8, 2), (32, 8, 1), (16, 8, 2), (32, 8, 2), (16, 8, 3), (32, 8, 3), (32, 16, 2))
+_GRAM_CANDIDATES = ((32, 8, 2), (16, 8, 1), (16, 8, 3))
 # The stored route's kernels, from the same ptxas reports (8 warps, 1 stage unless noted): pass 1 forms six
 # Gram blocks per chunk and spills 16-48 B at BS 16 (1-3 stages), ~150 B at BS 32 and ~0.5 KB at BS 64 (4
 # warps: ~1 KB, dropped); shared memory 33-84 KB, 168 KB at BS 64. Pass 2 keeps K's blocks (split into TF32
@@ -78,13 +95,13 @@ _GRAM_CANDIDATES = ((16, 8, 1), (16, 8, 3), (32, 8, 2))
 # 70-180 B at BS 64, 0.9 KB at BS 128 (dropped). The split route's per-block pass 1 and pass 3 are the same
 # code over a column range; its reduction only adds up K (BS unused).
 _STORED_CANDIDATES = {
-    "scale": ((16, 8, 2), (16, 8, 1), (16, 8, 3), (32, 8, 1), (32, 8, 2), (64, 8, 2)),
+    "scale": ((32, 8, 2), (16, 8, 2), (16, 8, 1), (16, 8, 3), (32, 8, 1), (64, 8, 2)),
     "sumsq": ((32, 8, 1), (16, 8, 1), (32, 16, 1)),
-    "force": ((64, 8, 2), (32, 8, 3), (32, 8, 2), (64, 8, 3), (64, 8, 1)),
+    "force": ((64, 8, 3), (64, 8, 2), (32, 8, 3), (32, 8, 2), (64, 8, 1)),
     "reduce": ((16, 8, 1), (16, 16, 1)),
 }
 # The split route's pass 1 per block (its programs each sweep W >= 256 columns of a row).
-_SPLIT_PART_CANDIDATES = ((16, 8, 2), (16, 8, 1), (32, 8, 1), (32, 8, 2))
+_SPLIT_PART_CANDIDATES = ((32, 8, 2), (32, 8, 1), (16, 8, 2), (16, 8, 1))
 
 # Routes: recompute (every shape), stored (K fits in a row's output), split (stored, with passes 1 and 3 over
 # J column blocks per row: offered where the rows are fewer than the SMs and J >= 2 blocks hold K).
@@ -187,6 +204,7 @@ def candidates(kernel: str, G: int, U: int, P: int, S: int, nR: int = 3, stored:
 
 
 _BEST: Dict[tuple, Config] = {}  # (kernel, *key) -> the chosen configuration
+STORE = None  # persistent store of tuning results (set_store), or None
 BEST_MS: Dict[tuple, float] = {}  # (kernel, *key) -> its time (NaN untuned), summed by the route decision
 ROUTES: Dict[tuple, int] = {}  # tuning key -> ROUTE_*
 FORCED: Dict[str, object] = {}  # kernel -> Config (and "split" -> J) inside forced_configs
@@ -210,6 +228,45 @@ def forced_configs(**per_kernel):
     finally:
         FORCED.clear()
         FORCED.update(saved)
+
+
+def set_store(store) -> None:
+    """Use `store` for tuning results across processes (None: none). It has get(device, entry) -> dict or None
+    and put(device, entry, value): entry is ("cfg", kernel, *key) or ("route", *key) with the key's device
+    entry left out (the store keys by GPU model), value {"config": [...], "ms": t} or {"route": name}."""
+    global STORE
+    STORE = store
+
+
+def _portable(entry: tuple, device) -> tuple:
+    """A tuning key without its device entry (str(device)): the store keys results by GPU model instead."""
+    dev = str(device)
+    return tuple(k for k in entry if k != dev)
+
+
+def _store_get(device, entry: tuple) -> Optional[dict]:
+    if STORE is None or device is None or FORCED:
+        return None
+    hit = STORE.get(device, _portable(entry, device))
+    return hit if isinstance(hit, dict) else None
+
+
+def _store_put(device, entry: tuple, value: dict) -> None:
+    if STORE is not None and device is not None:
+        STORE.put(device, _portable(entry, device), value)
+
+
+def _stored_config(kernel: str, key: tuple, cands: List[Config], device) -> Optional[Tuple[Config, float]]:
+    """(config, ms) of a stored tuning result for (kernel, key), if it is one of today's candidates."""
+    hit = _store_get(device, ("cfg", kernel) + tuple(key))
+    if hit is None:
+        return None
+    try:
+        cfg = Config(*hit["config"])
+        ms = float(hit.get("ms", math.nan))
+    except (KeyError, TypeError, ValueError):  # another layout (an older drift): tune again
+        return None
+    return (cfg, ms) if cfg in cands else None
 
 
 def tuning_log() -> List[dict]:
@@ -273,16 +330,18 @@ def _route_name(c: Config) -> str:
 
 
 def tuned_launch(kernel: str, key: tuple, cands: List[Config], launch: Callable[[Config], None],
-                  trial: Optional[Callable[[Config], None]] = None, route: Optional[int] = None) -> Config:
+                  trial: Optional[Callable[[Config], None]] = None, route: Optional[int] = None,
+                  device=None) -> Config:
     """Launch with the best known config for (kernel, key), choosing it the first time the key is seen.
 
-    Tuning on: every candidate is launched (compiling it), timed, and the fastest kept. Tuning off: the first
-    candidate that launches. Either way a candidate that raises (out of shared memory or registers, a compile
-    failure) is dropped and its error logged, except under the interpreter, which has no resource limits.
-    The kernels only store, so the timing runs leave the same outputs as the final launch; a kernel that
-    overwrites its own input (the stored route's pass 3, the split route's reduction) is compiled and timed
-    through `trial` (on a copy), and only the winner runs through `launch`. The winner's time is kept in
-    BEST_MS (for the route decision); `route` names the route in the log (default: the config's)."""
+    A result stored by an earlier process (set_store; `device` names the GPU) is used without timing.
+    Otherwise, tuning on: every candidate is launched (compiling it), timed, the fastest kept (and stored).
+    Tuning off: the first candidate that launches. Either way a candidate that raises (out of shared memory or
+    registers, a compile failure) is dropped and its error logged, except under the interpreter, which has no
+    resource limits. The kernels only store, so the timing runs leave the same outputs as the final launch; a
+    kernel that overwrites its own input (the stored route's pass 3, the split route's reduction) is compiled
+    and timed through `trial` (on a copy), and only the winner runs through `launch`. The winner's time is
+    kept in BEST_MS (for the route decision); `route` names the route in the log (default: the config's)."""
     if kernel in FORCED:
         launch(FORCED[kernel])
         return FORCED[kernel]
@@ -293,6 +352,21 @@ def tuned_launch(kernel: str, key: tuple, cands: List[Config], launch: Callable[
         return cfg
     times: Dict[Config, float] = {}
     errors: Dict[str, str] = {}
+    stored = _stored_config(kernel, key, cands, device)
+    if stored is not None:
+        try:
+            launch(stored[0])
+        except Exception as e:  # noqa: BLE001  (e.g. a driver that lost resources: tune as if not stored)
+            if INTERPRETED:
+                raise
+            errors[stored[0].label()] = _error_text(e)
+        else:
+            _BEST[cache_key], BEST_MS[cache_key] = stored
+            name = _route_name(stored[0]) if route is None else ROUTE_NAMES[route]
+            _TUNING_LOG.append({"kernel": kernel, "key": list(key), "route": name, "best": stored[0].label(),
+                                "best_ms": stored[1], "times_ms": {stored[0].label(): stored[1]}, "errors": {},
+                                "source": "store"})
+            return stored[0]
     best = math.inf
     tune = AUTOTUNE  # (also a single candidate: the route decision sums the kernels' times)
     run = trial if (tune and trial is not None) else launch
@@ -316,6 +390,8 @@ def tuned_launch(kernel: str, key: tuple, cands: List[Config], launch: Callable[
     cfg = min(times, key=times.get) if tune else next(iter(times))
     _BEST[cache_key] = cfg
     BEST_MS[cache_key] = times[cfg]
+    if tune:
+        _store_put(device, ("cfg", kernel) + tuple(key), {"config": list(cfg), "ms": times[cfg]})
     if tune or errors:
         name = _route_name(cfg) if route is None else ROUTE_NAMES[route]
         _TUNING_LOG.append({"kernel": kernel, "key": list(key), "route": name, "best": cfg.label(),
@@ -332,8 +408,18 @@ def choose_route(p, measure: Callable[[int], float]) -> None:
     options, R_LIST_DEFAULT and PROXY_NORM) and returns the sum of its kernels' best times in ms; the fastest
     route is kept, and a route with a pass that has no configuration that compiles and fits (measure raises
     RuntimeError) loses. Tuning off: the stored route wherever it is offered (it needs fewer multiply-adds
-    wherever it fits in the output, route_macs), split where that is offered."""
+    wherever it fits in the output, route_macs), split where that is offered. Either way a decision stored by
+    an earlier process (set_store) for this key is taken without measuring, if that route is offered."""
     offered = routes_offered(p)
+    device = getattr(p, "device", None)
+    if len(offered) > 1:
+        hit = _store_get(device, ("route",) + tuple(p.key))
+        name = hit.get("route") if hit else None
+        if name in ROUTE_NAMES and ROUTE_NAMES.index(name) in offered:
+            ROUTES[p.key] = ROUTE_NAMES.index(name)
+            _TUNING_LOG.append({"kernel": "route", "key": list(p.key), "route": name, "best": name,
+                                "best_ms": math.nan, "times_ms": {}, "errors": {}, "source": "store"})
+            return
     if not AUTOTUNE or len(offered) == 1 or FORCED:  # (a forced sumsq/force config would not be timed)
         ROUTES[p.key] = offered[-1]
         return
@@ -348,6 +434,7 @@ def choose_route(p, measure: Callable[[int], float]) -> None:
         raise RuntimeError(f"no route of the drifting field ran for key {p.key}: {errors}")
     best = min(times, key=times.get)
     ROUTES[p.key] = ROUTE_NAMES.index(best)
+    _store_put(device, ("route",) + tuple(p.key), {"route": best})
     _TUNING_LOG.append({"kernel": "route", "key": list(p.key), "route": best, "best": best, "best_ms": times[best],
                         "times_ms": times, "errors": errors})
 

@@ -149,3 +149,73 @@ def test_style_token_override_reaches_the_model():
         assert m.num_style_tokens == n and m.sample_style(3).shape == (3, n)
         out = m(torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 3]), torch.ones(3))
         assert out.shape == (3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("d, word", [
+    ({"R_list": "12"}, "R_list must be a list of numbers"),  # not (1.0, 2.0)
+    ({"R_list": "0.05"}, "R_list must be a list of numbers"),
+    ({"R_list": [0.1, "x"]}, "R_list must be a list of numbers"),
+    ({"R_list": [float("inf")]}, "R_list must hold finite numbers"),
+    ({"ema_decay": None}, "ema_decay is null"),
+    ({"lr": None}, "lr is null"),
+    ({"max_steps": None}, "max_steps is null"),
+    ({"model": None}, "model is null"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"lr": True}, "lr must be a number"),
+    ({"compile": "yes"}, "compile must be a bool"),
+    ({"out_dir": 3}, "out_dir must be a string"),
+    ({"ema_decay": [0.9, 0.9]}, "ema_decay must not repeat"),
+    ({"adam_beta2": 1.0}, "adam_beta2 must be in"),
+    ({"lr": -1.0}, "lr must be > 0"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"out_dir": ""}, "out_dir must not be empty"),
+])
+def test_every_config_value_is_checked_naming_the_key(d, word):
+    with pytest.raises(ValueError, match=word):
+        TrainConfig.from_dict(dict(PRESETS["demo"], **d)).validate()
+
+
+def test_fields_set_in_code_are_checked_too():
+    with pytest.raises(ValueError, match="R_list must be a list of numbers"):
+        TrainConfig(R_list="12").validate()
+    with pytest.raises(ValueError, match="ema_decay is null"):
+        TrainConfig(ema_decay=None).validate()
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        TrainConfig(lr=float("inf")).validate()
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        parse_cli(["--preset", "demo", "--config", str(bad)])
+    lst = tmp_path / "list.json"
+    lst.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json: must hold a JSON object"):
+        parse_cli(["--preset", "demo", "--config", str(lst)])
+    r = tmp_path / "r.json"
+    r.write_text('{"R_list": "12"}')
+    with pytest.raises(ValueError, match="R_list"):
+        parse_cli(["--preset", "demo", "--config", str(r)])
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        parse_cli(["--preset", "demo", "--lr", "nan"])
+
+
+@pytest.mark.parametrize("dist", ["power", "uniform"])
+def test_no_cfg_frac_applies_with_every_sampler(dist):
+    # official train.py: cfg = where(u2 < no_cfg_frac, 1, cfg) after the sampler, whichever it is
+    a = sample_alpha(100_000, dist=dist, cfg_min=1.5, cfg_max=3.0, no_cfg_frac=0.25,
+                     generator=torch.Generator().manual_seed(2))
+    assert abs(float((a == 1.0).float().mean()) - 0.25) < 0.01
+    rest = a[a != 1.0]
+    assert rest.min() >= 1.5 and rest.max() <= 3.0  # the rest keeps the sampler's range
+    none = sample_alpha(10_000, dist=dist, cfg_min=1.5, cfg_max=3.0, generator=torch.Generator().manual_seed(2))
+    assert bool((none >= 1.5).all())
+
+
+def test_mixed_is_the_power_law_with_no_cfg_frac():
+    kw = dict(neg_cfg_pw=3.0, no_cfg_frac=0.5)
+    a = sample_alpha(1000, dist="mixed", generator=torch.Generator().manual_seed(3), **kw)
+    b = sample_alpha(1000, dist="power", generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a, b)

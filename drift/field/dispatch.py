@@ -6,9 +6,11 @@
                  (CPU tensors under TRITON_INTERPRET=1, for tests)
     "auto":      triton for CUDA tensors, cpp for CPU tensors, the reference where those are missing
 
-The choice is made once per (backend, device type) and cached; that cache holds at most
-len(BACKENDS) x (device types) entries. Tests force a choice with `_override(name)`; it applies to "auto"
-only. The fused drivers are imported on first use (the Triton one imports triton).
+The choice is made once per (backend, device type, single or multi-key) and cached; that cache holds at most
+2 x len(BACKENDS) x (device types) entries. Tests force a choice with `_override(name)`; it applies to "auto"
+only. The fused drivers are imported on first use (the Triton one imports triton). `multi_impl` gives a
+backend's multi-key function (drift/field/multi.py): the reference loops over the keys, the fused backends
+run drift/field/three_pass.py's `three_pass_multi` (one all-reduce per global sum for all keys).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from drift import _ext
 from drift.field.core import R_LIST_DEFAULT, DriftField, validate_inputs
-from drift.field.reference import drifting_field_reference
+from drift.field.reference import drifting_field_reference, drifting_field_reference_multi
 
 _override_impl: Optional[str] = None
 _resolved: dict = {}
@@ -57,6 +59,31 @@ def _load(name: str) -> Callable:
     raise ValueError(f"backend {name!r} is not available in this build")
 
 
+def _load_multi(name: str) -> Callable:
+    if name == "reference":
+        return drifting_field_reference_multi
+    if name == "cpp":
+        _load("cpp")  # (the error when drift._C is missing)
+        return _drifting_field_cpp_multi
+    if name == "triton":
+        from drift.field import triton_driver
+        return triton_driver.load(multi=True)
+    raise ValueError(f"backend {name!r} is not available in this build")
+
+
+def _drifting_field_cpp_multi(items, temperatures=R_LIST_DEFAULT, normalization="xy", process_group=None):
+    """The "cpp" backend for many items: its pass ops (drift/field/cpp_driver.py) for every item, with one
+    all-reduce per global sum for all of them."""
+    from drift.field.cpp_driver import CPP_OPS
+    from drift.field.three_pass import three_pass_multi
+    for i, it in enumerate(items):
+        for name, t in zip(("gen", "pos", "neg", "neg_weight"), it):
+            if t is not None and t.device.type != "cpu":
+                raise ValueError(f"backend='cpp' runs on CPU tensors only, but items[{i}].{name} is on {t.device}; "
+                                 "use backend='triton' (CUDA) or 'reference'")
+    return three_pass_multi(CPP_OPS, items, temperatures, normalization, process_group)
+
+
 def resolve(backend: str, device_type: str) -> str:
     """Name of the implementation that `backend` means for tensors on `device_type`."""
     if backend != "auto":
@@ -76,6 +103,17 @@ def field_impl(backend: str, like: torch.Tensor) -> Callable:
     fn = _resolved.get(key)
     if fn is None:
         fn = _load(resolve(backend, like.device.type))
+        _resolved[key] = fn
+    return fn
+
+
+def multi_impl(backend: str, like: torch.Tensor) -> Callable:
+    """The multi-key field implementation for `backend` and tensors like `like` (cached):
+    fn(items, temperatures, normalization, process_group) -> [DriftField]."""
+    key = (backend, like.device.type, "multi")
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = _load_multi(resolve(backend, like.device.type))
         _resolved[key] = fn
     return fn
 

@@ -80,3 +80,11 @@ def drifting_field_reference(gen, pos, neg=None, neg_weight=None, temperatures=R
     loss = (force * force).mean(dim=(-1, -2))
     return DriftField(force=force.reshape(*batch, G, S), scale=scale, scale_inputs=scale_inputs,
                       loss=loss.reshape(batch), force_rms=torch.sqrt(ms))
+
+
+def drifting_field_reference_multi(items, temperatures=R_LIST_DEFAULT, normalization="xy",
+                                   process_group=None):
+    """The reference for many items (gen, pos, neg, neg_weight), one after the other: each item's global sums
+    are all-reduced on their own (2 collectives per item), and no item's intermediates outlive its call."""
+    return [drifting_field_reference(*it, temperatures=temperatures, normalization=normalization,
+                                     process_group=process_group) for it in items]

@@ -19,11 +19,16 @@ scale_inputs and the RMS from the global fp64 sums itself, rounding the fp64 quo
 dtype: W ranks holding parts of the rows then get the single process's values bit for bit (up to a
 last-bit tie), however the rows are split. Nothing here syncs with the host, so under torch.compile the
 three passes trace into one graph (the ops have fake kernels).
+
+`three_pass_multi` runs the same passes for many independent inputs (the feature keys of a training step)
+with one all-reduce of all their scale sums and one of all their sums of squares: 2 collectives per step
+instead of 2 per key. The backend's *_multi methods run a pass for all items; by default they loop over the
+single-item passes (the C++ backend), the Triton backend runs one launch per group of similar keys.
 """
 from __future__ import annotations
 
 import abc
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,6 +59,25 @@ class FieldOps(abc.ABC):
               normalization: str) -> DriftField:
         """Pass 3, given the global sums of passes 1 and 2: the field of this process's rows."""
 
+    # Many items (gen, pos, neg, neg_weight) at once. The sums travel as a list of fp64 tensors that the driver
+    # all-reduces element-wise in one collective; its layout is the backend's (here: one per item).
+
+    def scale_sums_multi(self, items: Sequence[tuple]) -> Tuple[Any, List[torch.Tensor]]:
+        """Pass 1 for every item: (state, list of fp64 scale sums)."""
+        out = [self.scale_sums(*it) for it in items]
+        return [st for _, st in out], [s for s, _ in out]
+
+    def sumsq_multi(self, items: Sequence[tuple], state, sums: List[torch.Tensor], temperatures,
+                    normalization: str) -> List[torch.Tensor]:
+        """Pass 2 for every item, given the global scale sums: list of fp64 sums of squares."""
+        return [self.sumsq(*it, st, s, temperatures, normalization) for it, st, s in zip(items, state, sums)]
+
+    def force_multi(self, items: Sequence[tuple], state, sums: List[torch.Tensor], stats: List[torch.Tensor],
+                    temperatures, normalization: str) -> List[DriftField]:
+        """Pass 3 for every item, given the global sums: the fields, in item order."""
+        return [self.force(*it, st, s, t, temperatures, normalization)
+                for it, st, s, t in zip(items, state, sums, stats)]
+
 
 def _detached(t):
     return t.detach() if t is not None and t.requires_grad else t
@@ -80,3 +104,35 @@ def three_pass(ops: FieldOps, gen: torch.Tensor, pos: torch.Tensor, neg: Optiona
     stats = ops.sumsq(gen, pos, neg, neg_weight, state, sums, temps, normalization)
     stats = all_reduce_sum(stats, process_group)
     return ops.force(gen, pos, neg, neg_weight, state, sums, stats, temps, normalization)
+
+
+def _prepared(gen, pos, neg, neg_weight) -> tuple:
+    gen, pos, neg, neg_weight = (_detached(t) for t in (gen, pos, neg, neg_weight))
+    return (*_same_dtype(gen, pos, neg), neg_weight)
+
+
+def all_reduce_list(ts: List[torch.Tensor], process_group) -> List[torch.Tensor]:
+    """Sum every tensor of `ts` (fp64) over `process_group` in one collective: concatenated, all-reduced, and
+    returned as views of the result in the shapes of `ts` (no-op without a group)."""
+    if process_group is None or not ts:
+        return ts
+    flat = all_reduce_sum(torch.cat([t.reshape(-1) for t in ts]), process_group)
+    out, a = [], 0
+    for t in ts:
+        out.append(flat[a:a + t.numel()].view(t.shape))
+        a += t.numel()
+    return out
+
+
+def three_pass_multi(ops: FieldOps, items: Sequence[tuple], temperatures: Sequence[float], normalization: str,
+                     process_group=None) -> List[DriftField]:
+    """The drifting field of every item (gen, pos, neg, neg_weight), already validated, through a fused
+    backend: each item with its own scale and per-temperature RMS (as `three_pass` per item), with one
+    all-reduce of all items' scale sums and one of all their sums of squares."""
+    items = [_prepared(*it) for it in items]
+    temps = [float(r) for r in temperatures]
+    state, sums = ops.scale_sums_multi(items)
+    sums = all_reduce_list(sums, process_group)
+    stats = ops.sumsq_multi(items, state, sums, temps, normalization)
+    stats = all_reduce_list(stats, process_group)
+    return ops.force_multi(items, state, sums, stats, temps, normalization)

@@ -197,3 +197,79 @@ def test_field_triton_stored_pass_falls_back():
     with pytest.raises(ValueError, match="did not run the stored route"):
         with tuning.forced_configs(force=tuning.Config(64, 8, 2, False, True)):
             launch._pass23(types.SimpleNamespace(cfg={}), "force", (0, 3), run, launched.append, 0)
+
+
+class _FakeStore:
+    """A store of tuning results in a dict, with the tuner's get/put interface (drift/field/tune_cache.py)."""
+
+    def __init__(self, entries=None):
+        self.entries = dict(entries or {})
+        self.puts = []
+
+    def get(self, device, entry):
+        return self.entries.get(entry)
+
+    def put(self, device, entry, value):
+        self.entries[entry] = value
+        self.puts.append(entry)
+
+
+def test_field_triton_tuner_uses_and_fills_the_store(monkeypatch):
+    # A result stored by an earlier process is launched without timing, in either mode; with tuning on a new
+    # key's winner is stored; a stored configuration that is not among today's candidates is stale (tuned
+    # again); the device entry of the key is left out of the stored key (ranks on one GPU model share it).
+    cands = [tuning.Config(32, 8, 1), tuning.Config(16, 8, 2), tuning.Config(64, 8, 2)]
+    dev = "cuda:3"
+    key = (64, 16, 64, 256, dev)
+    store = _FakeStore({("cfg", "force", 64, 16, 64, 256): {"config": list(cands[2]), "ms": 0.5},
+                        ("cfg", "sumsq", 64, 16, 64, 256): {"config": [128, 4, 1, False, False, False], "ms": 0.1}})
+    monkeypatch.setattr(tuning, "STORE", store)
+    monkeypatch.setattr(tuning, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    timed, calls = [], []
+    monkeypatch.setattr(tuning, "_time_ms", lambda run, best: (run(), timed.append(calls[-1]), 1.0 + len(timed))[2])
+    for autotune in (False, True):
+        monkeypatch.setattr(tuning, "AUTOTUNE", autotune)
+        tuning.reset()
+        assert tuning.tuned_launch("force", key, cands, calls.append, device=dev) == cands[2]
+        assert calls[-1] == cands[2] and timed == [] and store.puts == []
+        assert tuning.BEST_MS[("force",) + key] == 0.5 and tuning.tuning_log()[-1]["source"] == "store"
+    # Stale entry (BS 128 is no candidate) with tuning on: every candidate is timed, the fastest kept and stored.
+    calls.clear()
+    assert tuning.tuned_launch("sumsq", key, cands, calls.append, device=dev) == cands[0]
+    assert timed == cands and store.puts == [("cfg", "sumsq", 64, 16, 64, 256)]
+    assert store.entries[store.puts[0]] == {"config": list(cands[0]), "ms": 2.0}
+    # Without a device (or with tuning off) nothing is stored.
+    tuning.tuned_launch("scale", key, cands, calls.append)
+    monkeypatch.setattr(tuning, "AUTOTUNE", False)
+    tuning.tuned_launch("scale", key + ("x",), cands, calls.append, device=dev)
+    assert len(store.puts) == 1
+
+
+def test_field_triton_route_choice_uses_the_store(monkeypatch):
+    dev = "cuda:0"
+    store = _FakeStore({("route", "a"): {"route": "recompute"}, ("route", "b"): {"route": "split"}})
+    monkeypatch.setattr(tuning, "STORE", store)
+    measured = []
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    plan = lambda key, split: types.SimpleNamespace(key=key, stored_ok=True, split=split, device=dev)  # noqa: E731
+    tuning.choose_route(plan(("a", dev), (1, 640)), lambda r: measured.append(r) or 1.0)
+    assert tuning.ROUTES[("a", dev)] == 0 and measured == []
+    # A stored route that these rows do not offer (split without >= 2 blocks) is ignored: measured and stored.
+    tuning.choose_route(plan(("b", dev), (1, 640)), lambda r: measured.append(r) or 2.0 - r)
+    assert tuning.ROUTES[("b", dev)] == 1 and measured == [0, 1] and store.entries[("route", "b")] == {
+        "route": "stored"}
+
+
+def test_field_triton_default_configs_are_the_calibrated_ones():
+    # Tuning off runs each list's first candidate: the H200 tuner's usual winner (field_tuning._CANDIDATES).
+    first = {k: tuning.candidates(k, 64, 16, 64, 640)[0] for k in ("scale", "sumsq", "force")}
+    assert first == {"scale": tuning.Config(64, 8, 2), "sumsq": tuning.Config(32, 8, 2, True),
+                     "force": tuning.Config(64, 8, 2)}
+    assert tuning.candidates("sumsq", 64, 16, 64, 64)[0] == tuning.Config(64, 8, 2)
+    stored = {k: tuning.candidates(k, 64, 16, 64, 640, stored=True)[0] for k in ("scale", "sumsq", "force")}
+    assert stored == {"scale": tuning.Config(32, 8, 2, False, True), "sumsq": tuning.Config(32, 8, 1, False, True),
+                      "force": tuning.Config(64, 8, 3, False, True)}
+    split = {k: tuning.candidates(k, 64, 16, 64, 4096, stored=True, split=True)[0] for k in ("scale", "reduce")}
+    assert split == {"scale": tuning.Config(32, 8, 2, False, True, True),
+                     "reduce": tuning.Config(16, 8, 1, False, True, True)}

@@ -1,0 +1,197 @@
+"""The label-chunked step (cfg.label_chunk, drift/step.py) against the plain step: same per-key losses, same
+gradients (fp32 tolerance), under 2-rank gloo DDP too, and a chunked run resumes exactly.
+
+    pytest -q tests/test_step_chunked.py
+"""
+import multiprocessing as mp
+import os
+import socket
+
+import pytest
+import torch
+
+from drift import step as step_mod
+from drift.config import TrainConfig
+from drift.step import label_chunks
+from drift.trainer import Trainer, train
+from tests.trainer_utils import loader_factory, tiny, toy_images
+
+
+def _mae_weights(path):
+    """A random MAE-ResNet (width 8, one block per stage, 1 channel) saved with its architecture."""
+    from drift.features.mae_resnet import MAEConfig, MAEResNetEncoder
+    cfg = MAEConfig(in_channels=1, patch_size=1, width=8, layers=(1, 2, 1, 1), every_k_block=1, num_classes=0)
+    torch.manual_seed(3)
+    enc = MAEResNetEncoder(cfg)
+    torch.save({"state_dict": enc.state_dict(), "config": cfg.to_dict()}, path)
+    return str(path)
+
+
+def _step_grads(t: Trainer, batch, label_chunk: int):
+    """(per-key losses, force RMS, parameter gradients) of one forward/backward of `t` on `batch`."""
+    t.cfg = t.cfg.replace(label_chunk=label_chunk)
+    t.opt.zero_grad(set_to_none=True)
+    out = t._forward_backward(batch)
+    grads = {n: p.grad.detach().clone() for n, p in t.model.named_parameters()}
+    t.opt.zero_grad(set_to_none=True)
+    return ({k: float(v.detach()) for k, v in out["per_key"].items()},
+            {k: float(v) for k, v in out["force_rms"].items()},
+            grads, float(out["loss"].detach()))
+
+
+def _assert_same(a, b):
+    losses_a, rms_a, grads_a, total_a = a
+    losses_b, rms_b, grads_b, total_b = b
+    assert list(losses_a) == list(losses_b)
+    for k in losses_a:
+        assert losses_b[k] == pytest.approx(losses_a[k], rel=1e-5, abs=1e-7), k
+        assert rms_b[k] == pytest.approx(rms_a[k], rel=1e-5, abs=1e-7), k
+    assert total_b == pytest.approx(total_a, rel=1e-5)
+    scale = max(float(g.abs().max()) for g in grads_a.values())
+    assert scale > 0
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("features", ["pixel-multiscale", "mae"])
+@pytest.mark.parametrize("bf16_keys", [False, True])
+def test_chunked_step_equals_the_plain_step(tmp_path, monkeypatch, features, bf16_keys):
+    orig_generate = Trainer._generate
+    x, y = toy_images(n=64, size=8)
+    kw = dict(features=features, train_batch_size=4, neg_per_sample=3, alpha_dist="uniform", cfg_min=1.0,
+              cfg_max=3.0, bf16_keys=bf16_keys)
+    if features == "mae":
+        kw["feature_weights"] = _mae_weights(tmp_path / "mae.pt")
+    t = Trainer(tiny(tmp_path, **kw), loader_factory=loader_factory(x, y))
+    try:
+        for _ in range(2):  # take the generator away from its zero-output init so every gradient is alive
+            t.train_step(t.step)
+            t.step += 1
+        t._push_batch()
+        batch = t._sample_inputs(t.step)
+        t.model.train()
+        plain = _step_grads(t, batch, 0)
+        assert len(plain[0]) > (20 if features == "mae" else 10)
+        for chunk in (1, 3):  # equal chunks, and a shorter last chunk
+            _assert_same(plain, _step_grads(t, batch, chunk))
+        # A bookkeeping fault shows: the graph-free pass storing each label's keys in its neighbour's slots.
+        def shifted(self, batch, lo, hi, graph):
+            if not graph:
+                lo, hi = (lo + 1) % self.nc_local, (lo + 1) % self.nc_local + (hi - lo)
+            return orig_generate(self, batch, lo, hi, graph)
+
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "_generate", shifted)
+            wrong = _step_grads(t, batch, 1)
+        with pytest.raises(AssertionError):
+            _assert_same(plain, wrong)
+    finally:
+        t.close()
+
+
+def test_label_chunks_cover_the_labels():
+    assert label_chunks(8, 3) == [(0, 3), (3, 6), (6, 8)]
+    assert label_chunks(4, 4) == [(0, 4)] and label_chunks(4, 1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(ValueError, match="chunk"):
+        label_chunks(4, 0)
+    with pytest.raises(ValueError, match="label_chunk"):
+        TrainConfig.from_preset("tiny", label_chunk=-1)
+
+
+def _cfg(out, steps, **kw):
+    base = dict(out_dir=str(out), max_steps=steps, ckpt_every=3, threads=1, progress=False, neg_per_sample=2,
+                alpha_dist="mixed", no_cfg_frac=0.5, features="pixel-multiscale")
+    base.update(kw)
+    return TrainConfig.from_preset("tiny", **base)
+
+
+def test_chunked_run_resumes_exactly_and_follows_the_plain_run(tmp_path):
+    x, y = toy_images(n=40, size=8)
+    straight = train(_cfg(tmp_path / "a", 6, label_chunk=1), loader_factory=loader_factory(x, y))
+    train(_cfg(tmp_path / "b", 3, label_chunk=1), loader_factory=loader_factory(x, y))
+    second = train(_cfg(tmp_path / "b", 6, label_chunk=1), resume="auto", loader_factory=loader_factory(x, y))
+    first = [(h["step"], h["loss"], h["grad_norm"]) for h in straight["history"]]
+    assert first[3:] == [(h["step"], h["loss"], h["grad_norm"]) for h in second["history"]]  # bitwise
+    plain = train(_cfg(tmp_path / "c", 6), loader_factory=loader_factory(x, y))
+    for (s0, l0, g0), h in zip(first, plain["history"]):
+        assert s0 == h["step"]
+        assert l0 == pytest.approx(h["loss"], rel=1e-4) and g0 == pytest.approx(h["grad_norm"], rel=1e-3)
+
+
+# ----- 2-rank gloo DDP: the chunked step on two ranks == the plain step in one process -----
+
+def _ddp_cfg(out, label_chunk):
+    return TrainConfig.from_preset("tiny", out_dir=str(out), max_steps=3, ckpt_every=3, threads=1, progress=False,
+                                   train_batch_size=4, neg_per_sample=2, alpha_dist="uniform", cfg_min=1.0,
+                                   cfg_max=2.0, features="pixel-multiscale", label_chunk=label_chunk)
+
+
+def _worker(rank, world, port, out, q):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from drift.dist import cleanup_distributed
+    try:
+        x, y = toy_images(n=48, size=8)
+        summary = train(_ddp_cfg(out, 1), loader_factory=loader_factory(x, y))
+        q.put((rank, [(h["step"], h["loss"], h["grad_norm"]) for h in summary["history"]]))
+    except BaseException as e:  # report instead of hanging the parent
+        q.put((rank, repr(e)))
+        raise
+    finally:
+        cleanup_distributed()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_chunked_step_under_two_rank_gloo_matches_the_plain_single_process(tmp_path):
+    x, y = toy_images(n=48, size=8)
+    single = train(_ddp_cfg(tmp_path / "single", 0), loader_factory=loader_factory(x, y))
+    ref = [(h["step"], h["loss"], h["grad_norm"]) for h in single["history"]]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path / "ddp"), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(q.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs), results
+    for r in (0, 1):  # each rank holds 2 labels, chunked 1 + 1: no_sync on the first chunk, all-reduce on the last
+        got = results[r]
+        assert not isinstance(got, str), got
+        assert [s for s, _, _ in got] == [s for s, _, _ in ref]
+        for (_, l1, g1), (_, l0, g0) in zip(got, ref):
+            assert l1 == pytest.approx(l0, rel=1e-5, abs=1e-6)
+            assert g1 == pytest.approx(g0, rel=1e-4, abs=1e-6)
+
+
+def test_key_groups_split_by_bytes_in_order():
+    keys = {"a": torch.empty(1, 100), "b": torch.empty(1, 10), "c": torch.empty(1, 10), "d": torch.empty(1, 30),
+            "e": torch.empty(1, 60)}
+    groups = step_mod.key_groups(keys, groups=4)  # budget max(210 / 4, 100) = 100 elements
+    assert groups == [["a"], ["b", "c", "d"], ["e"]]
+    assert [k for g in groups for k in g] == list(keys)
+    assert step_mod.key_groups(keys, groups=1) == [list(keys)]
+
+
+def test_bf16_matmul_weights_are_bit_identical_under_autocast():
+    from drift.features.mae_resnet import MAEConfig, MAEFeatures, MAEResNetEncoder
+    torch.manual_seed(1)
+    ex = MAEFeatures(MAEResNetEncoder(MAEConfig(in_channels=4, width=16, layers=(1, 1, 1, 1), num_classes=0)))
+    ex.freeze()
+    x = torch.randn(3, 4, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = ex(x)
+        n_conv = sum(m.weight.numel() for m in ex.modules() if isinstance(m, torch.nn.Conv2d))
+        assert step_mod.bf16_matmul_weights(ex) == 2 * n_conv
+        after = ex(x)
+    assert all(m.weight.dtype == torch.bfloat16 for m in ex.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(m.weight.dtype == torch.float32 for m in ex.modules() if isinstance(m, torch.nn.GroupNorm))
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
