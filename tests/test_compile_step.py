@@ -7,7 +7,6 @@ import io
 import time
 
 import pytest
-import torch
 
 from drift.step import ProgressTicker, compile_regions
 from drift.trainer import Trainer, train

@@ -3,9 +3,6 @@ gradients (fp32 tolerance), under 2-rank gloo DDP too, and a chunked run resumes
 
     pytest -q tests/test_step_chunked.py
 """
-import multiprocessing as mp
-import os
-import socket
 
 import pytest
 import torch
@@ -14,7 +11,8 @@ from drift import step as step_mod
 from drift.config import TrainConfig
 from drift.step import label_chunks
 from drift.trainer import Trainer, train
-from tests.trainer_utils import loader_factory, tiny, toy_images
+from tests.trainer_utils import (assert_same_history, history, loader_factory, tiny, toy_images,
+                                 train_two_gloo_ranks)
 
 
 def _mae_weights(path):
@@ -126,49 +124,12 @@ def _ddp_cfg(out, label_chunk):
                                    cfg_max=2.0, features="pixel-multiscale", label_chunk=label_chunk)
 
 
-def _worker(rank, world, port, out, q):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from drift.dist import cleanup_distributed
-    try:
-        x, y = toy_images(n=48, size=8)
-        summary = train(_ddp_cfg(out, 1), loader_factory=loader_factory(x, y))
-        q.put((rank, [(h["step"], h["loss"], h["grad_norm"]) for h in summary["history"]]))
-    except BaseException as e:  # report instead of hanging the parent
-        q.put((rank, repr(e)))
-        raise
-    finally:
-        cleanup_distributed()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_chunked_step_under_two_rank_gloo_matches_the_plain_single_process(tmp_path):
     x, y = toy_images(n=48, size=8)
-    single = train(_ddp_cfg(tmp_path / "single", 0), loader_factory=loader_factory(x, y))
-    ref = [(h["step"], h["loss"], h["grad_norm"]) for h in single["history"]]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path / "ddp"), q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert all(p.exitcode == 0 for p in procs), results
+    ref = history(train(_ddp_cfg(tmp_path / "single", 0), loader_factory=loader_factory(x, y)))
+    results = train_two_gloo_ranks(_ddp_cfg(tmp_path / "ddp", 1))
     for r in (0, 1):  # each rank holds 2 labels, chunked 1 + 1: no_sync on the first chunk, all-reduce on the last
-        got = results[r]
-        assert not isinstance(got, str), got
-        assert [s for s, _, _ in got] == [s for s, _, _ in ref]
-        for (_, l1, g1), (_, l0, g0) in zip(got, ref):
-            assert l1 == pytest.approx(l0, rel=1e-5, abs=1e-6)
-            assert g1 == pytest.approx(g0, rel=1e-4, abs=1e-6)
+        assert_same_history(results[r], ref)
 
 
 def test_key_groups_split_by_bytes_in_order():

@@ -1,6 +1,8 @@
 """Test helpers for the trainer tests: a deterministic in-memory loader with the drift.data contract."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -91,3 +93,55 @@ def train_tiny(out_dir, images, labels, kind=None, **kw) -> str:
 
     train(cfg, loader_factory=factory)
     return cfg.out_dir
+
+
+def history(summary) -> list:
+    """[(step, loss, grad_norm)] of a train() summary."""
+    return [(h["step"], h["loss"], h["grad_norm"]) for h in summary["history"]]
+
+
+def _gloo_worker(rank, world, port, cfg, q):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from drift.dist import cleanup_distributed
+    from drift.trainer import train
+    try:
+        x, y = toy_images(n=48, size=8)
+        q.put((rank, history(train(cfg, loader_factory=loader_factory(x, y)))))
+    except BaseException as e:  # report instead of hanging the parent
+        q.put((rank, repr(e)))
+        raise
+    finally:
+        cleanup_distributed()
+
+
+def train_two_gloo_ranks(cfg) -> dict:
+    """Train `cfg` on 2 spawned gloo ranks over toy_images(48, 8) (every rank sees the same stream);
+    {rank: [(step, loss, grad_norm)]}, after checking both processes exited cleanly."""
+    import multiprocessing as mp
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, port, cfg, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(q.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs), results
+    for got in results.values():
+        assert not isinstance(got, str), got
+    return results
+
+
+def assert_same_history(got, ref, rel_loss=1e-5, rel_grad=1e-4):
+    """Per-step losses and grad norms of two runs agree (a DDP run against the single process)."""
+    import pytest
+    assert [s for s, _, _ in got] == [s for s, _, _ in ref]
+    for (_, l1, g1), (_, l0, g0) in zip(got, ref):
+        assert l1 == pytest.approx(l0, rel=rel_loss, abs=1e-6)
+        assert g1 == pytest.approx(g0, rel=rel_grad, abs=1e-6)
