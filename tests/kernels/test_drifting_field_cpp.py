@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from drift import _ext
 from drift.field import DriftField, R_LIST_DEFAULT, dispatch, drifting_field
+from drift.field.cpp_driver import gram_floats
 from tests.kernels.field_cases import (SHAPES, case_inputs, check_backend, golden, strided_inputs,
                                        tie_inputs, TIE_FLOOR)
 
@@ -23,14 +24,42 @@ def test_field_cpp_matches_golden(B, G, P, U, S, scale, weights):
     check_backend("cpp", *case_inputs(B, G, P, U, S, scale, weights, seed=B * 100 + G * 10 + S))
 
 
-# Row tiles take different code paths by size (csrc/drifting_field.cpp): GEMMs of more than 2^15 multiply-adds
-# go to the BLAS, smaller ones are inline loops; pass 2 gets ||force_R||^2 through the targets' Gram matrix
-# when S is wide, by forming the forces when S is narrow. SHAPES are all small; these cover the rest:
-# a wide row tile on the BLAS with the Gram route, a narrow one on the BLAS with the direct route, and the
-# many-row, 4-feature shape of per-location pixel keys.
-@pytest.mark.parametrize("B,G,P,U,S", [(2, 16, 24, 8, 256), (2, 64, 96, 24, 8), (50, 16, 32, 8, 4)])
+# Row tiles take different code paths by size (csrc/drifting_field.cpp, csrc/field_row.h): below AVX-512, GEMMs
+# of more than 2^15 multiply-adds go to the BLAS and smaller ones are inline loops; the AVX-512 GEMM runs all
+# of them in 12 x 32 register tiles, with masked partial tiles. Pass 2 gets ||force_R||^2 from the block
+# triangle of the targets' Gram matrix when S is wide (the Gram route), by forming the forces when S is
+# narrow. SHAPES are all small and narrow; these cover the rest: wide row tiles with the Gram route (with
+# and without negatives, one generated sample, one positive, sizes that leave partial tiles everywhere), a
+# Gram route small enough for the inline loops, a narrow tile on the BLAS, and the many-row, 4-feature shape
+# of per-location pixel keys.
+GRAM_ROUTE = [(2, 16, 24, 8, 256), (2, 12, 20, 0, 200), (3, 1, 1, 0, 40), (2, 2, 3, 1, 64), (2, 9, 1, 5, 70),
+              (3, 4, 3, 2, 40), (2, 45, 37, 11, 300)]
+
+
+@pytest.mark.parametrize("B,G,P,U,S", GRAM_ROUTE + [(2, 64, 96, 24, 8), (50, 16, 32, 8, 4)])
 def test_field_cpp_blas_and_direct_paths(B, G, P, U, S):
+    # The state's size tells the route: the Gram route adds the [neg, pos] blocks of T T^T to X T^T and the norms.
+    M = G + U + P
+    _, gram = torch.ops.drift.field_scale_sums(*case_inputs(1, G, P, U, S, 1.0, "random"))
+    assert gram.shape[1] == (G * M + M + U * (U + P) + P * P if (B, G, P, U, S) in GRAM_ROUTE else G * M + M)
+    assert gram.shape[1] == gram_floats(G, U, P, S)  # the fake kernel's rule (torch.compile) is the op's
     check_backend("cpp", *case_inputs(B, G, P, U, S, 1.0, "random", seed=B + G + S))
+
+
+@pytest.mark.parametrize("B,G,P,U,S", [(3, 7, 5, 3, 13), (2, 16, 24, 8, 256)])
+def test_field_cpp_every_isa_matches_golden(B, G, P, U, S, monkeypatch):
+    # The row code is compiled for baseline x86-64, AVX2+FMA and AVX-512; the CPU's best one runs, and
+    # DRIFT_FIELD_ISA caps it, so every variant this CPU can run is checked.
+    inputs = case_inputs(B, G, P, U, S, 1.0, "random", seed=S)
+    best = torch.ops.drift.field_cpu_isa()
+    order = ["baseline", "avx2", "avx512"]
+    for isa in order[: order.index(best) + 1]:
+        monkeypatch.setenv("DRIFT_FIELD_ISA", isa)
+        assert torch.ops.drift.field_cpu_isa() == isa
+        check_backend("cpp", *inputs)
+    monkeypatch.setenv("DRIFT_FIELD_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="DRIFT_FIELD_ISA must be 'auto', 'baseline', 'avx2' or 'avx512'"):
+        drifting_field(*inputs, backend="cpp")
 
 
 @pytest.mark.parametrize("normalization", ["y", "none"])
@@ -92,9 +121,15 @@ def test_field_cpp_opcheck():
     rms = torch.tensor([0.5, 1.0, 2.0])
     torch.library.opcheck(torch.ops.drift.field_scale_sums.default, (gen, pos, neg, w))
     torch.library.opcheck(torch.ops.drift.field_scale_sums.default, (gen, pos, None, None))
-    _, dot = torch.ops.drift.field_scale_sums(gen, pos, neg, w)
-    torch.library.opcheck(torch.ops.drift.field_sumsq.default, (gen, pos, neg, w, dot, scale, temps, "xy"))
-    torch.library.opcheck(torch.ops.drift.field_force.default, (gen, pos, neg, w, dot, scale, rms, temps, "y"))
+    _, gram = torch.ops.drift.field_scale_sums(gen, pos, neg, w)
+    torch.library.opcheck(torch.ops.drift.field_sumsq.default, (gen, pos, neg, w, gram, scale, temps, "xy"))
+    _, coef = torch.ops.drift.field_sumsq(gen, pos, neg, w, gram, scale, temps, "y")
+    torch.library.opcheck(torch.ops.drift.field_force.default, (gen, pos, neg, coef, scale, rms))
+    # The Gram route's larger state: the fake kernel gives the same shape.
+    wide = case_inputs(2, 5, 4, 3, 90, 1.0, "random", seed=1)
+    torch.library.opcheck(torch.ops.drift.field_scale_sums.default, wide)
+    _, gram = torch.ops.drift.field_scale_sums(*wide)
+    torch.library.opcheck(torch.ops.drift.field_sumsq.default, (*wide, gram, scale, temps, "xy"))
 
 
 def test_field_cpp_compiles_fullgraph():
@@ -121,14 +156,19 @@ def test_field_cpp_errors():
         drifting_field(*meta, backend="cpp", check_finite=False)
     with pytest.raises(RuntimeError, match="neg dtype differs from gen dtype"):
         torch.ops.drift.field_scale_sums(gen, pos, neg.double(), w)
-    _, dot = torch.ops.drift.field_scale_sums(gen, pos, neg, w)
+    _, gram = torch.ops.drift.field_scale_sums(gen, pos, neg, w)
     one = torch.tensor(1.0)
-    with pytest.raises(RuntimeError, match="rms must hold one value per temperature"):
-        torch.ops.drift.field_force(gen, pos, neg, w, dot, one, torch.ones(2), [0.1, 0.2, 0.3], "xy")
     with pytest.raises(RuntimeError, match="normalization must be"):
-        torch.ops.drift.field_sumsq(gen, pos, neg, w, dot, one, [0.1], "xx")
-    with pytest.raises(RuntimeError, match="dot must be the"):
-        torch.ops.drift.field_sumsq(gen, pos, None, None, dot, one, [0.1], "xy")
+        torch.ops.drift.field_sumsq(gen, pos, neg, w, gram, one, [0.1], "xx")
+    with pytest.raises(RuntimeError, match="gram must be the"):
+        torch.ops.drift.field_sumsq(gen, pos, None, None, gram, one, [0.1], "xy")
+    with pytest.raises(RuntimeError, match="gram has dtype"):
+        torch.ops.drift.field_sumsq(gen, pos, neg, w, gram.double(), one, [0.1], "xy")
+    _, coef = torch.ops.drift.field_sumsq(gen, pos, neg, w, gram, one, [0.1, 0.2, 0.3], "xy")
+    with pytest.raises(RuntimeError, match="coef must be the .* with one rms per temperature"):
+        torch.ops.drift.field_force(gen, pos, neg, coef, one, torch.ones(2))
+    with pytest.raises(RuntimeError, match="coef has dtype"):
+        torch.ops.drift.field_force(gen, pos, neg, coef.double(), one, torch.ones(3))
 
 
 def test_auto_uses_cpp_on_cpu():
