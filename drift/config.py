@@ -304,12 +304,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # Tuned by measurement (benchmarks/RESULTS.md, "Trainer"); trains in minutes on 2 cores.
     # Departures from the official recipe, each measured there: 4 style tokens instead of 32 (the summed style
     # embeddings otherwise drown the class embedding for hundreds of steps), lr 3e-3 with a linear cooldown
-    # over the last 500 steps (the run is 1500 steps, not 100k).
+    # over the last 1000 steps (the run is 3000 steps, not 100k).
     "demo": dict(model="DriftDiT-N/4", hidden_size=64, depth=3, num_heads=4, num_prefix_tokens=4,
                  num_style_tokens=4,
                  features="pixel-multiscale", train_batch_size=10, gen_per_label=16, pos_per_sample=32,
-                 neg_per_sample=8, lr=3e-3, weight_decay=0.01, warmup_steps=50, max_steps=1500,
-                 lr_decay_steps=500,
+                 neg_per_sample=8, lr=3e-3, weight_decay=0.01, warmup_steps=50, max_steps=3000,
+                 lr_decay_steps=1000,
                  ema_decay=(0.99,), alpha_dist="power", neg_cfg_pw=3.0, no_cfg_frac=0.0, push_per_step=64,
                  positive_bank_size=128, negative_bank_size=1000, log_every=25, ckpt_every=500,
                  keep_ckpts=2, compile=False, device="cpu", out_dir="outputs/demo", loader_threads=1),
