@@ -60,7 +60,7 @@ from benchmarks.bench_train import SyntheticLoader, item_shape_of  # noqa: E402
 from drift.config import PRESETS, TrainConfig  # noqa: E402
 
 GIB = float(1 << 30)
-# Measured on an H200 (issue 13: torch 2.11, eager, bf16 autocast, Triton field, random MAE-ResNet w256,
+# Measured on an H200 before the memory levers (RESULTS.md "Trainer on GPU"; torch 2.11, eager, bf16 autocast, Triton field, random MAE-ResNet w256,
 # synthetic latents, 1000 classes): ablation-B/2 plain step, labels per GPU -> max_memory_allocated (GiB).
 H200_MEASURED = {1: 23.4, 2: 40.5}
 H200_MEASURED_NOTE = {8: "133 GiB after step 0, out of memory at step 1 (141 GB card)"}
@@ -430,7 +430,7 @@ def predict(co: Coefficients, cfg: TrainConfig, labels: int, label_chunk: int, w
 # CLI
 # ----------------------------------------------------------------------------------------------------
 
-# The code as measured on the H200 (issue 13: plain step, fp32 keys, fp32 encoder weights, no generator
+# The code as measured on the H200 (before the levers: plain step, fp32 keys, fp32 encoder weights, no generator
 # checkpointing) and the presets as they are now (their label_chunk / bf16_keys / grad_checkpointing).
 BEFORE = dict(label_chunk=0, bf16_keys=False, grad_checkpointing=False, bf16_encoder_weights=False)
 DEFAULT_SCENARIOS = [  # (preset, MAE width, labels per GPU, overrides of the preset; None = the preset as it is)
@@ -445,7 +445,7 @@ DEFAULT_SCENARIOS = [  # (preset, MAE width, labels per GPU, overrides of the pr
     ("B/2", 640, (16,), dict(bf16_keys=False)),
     ("L/2", 640, (16,), dict(grad_checkpointing=False)),
 ]
-BEFORE_LABEL, NOW_LABEL = "before (issue 13 code)", "now (preset levers)"
+BEFORE_LABEL, NOW_LABEL = "before (plain step as measured)", "now (preset levers)"
 
 
 def scenario_rows(preset: str, width: int, labels_list, over: Optional[dict], num_classes: int, layers=None,
