@@ -15,12 +15,12 @@ from tests.trainer_utils import loader_factory, tiny, toy_images
 
 def test_progress_ticker_prints_elapsed_lines():
     out = io.StringIO()
-    with ProgressTicker("warming up", every=0.05, stream=out) as t:
+    with ProgressTicker("warming up", every=0.05, stream=out):
         time.sleep(0.3)
     lines = out.getvalue().splitlines()
     assert lines[0] == "warming up: started" and lines[-1].startswith("warming up: done in")
-    assert any(line.endswith("s elapsed") for line in lines[1:-1])
-    assert t.elapsed >= 0.3
+    ticks = [line for line in lines[1:-1] if line.endswith("s elapsed")]  # the periodic progress lines
+    assert ticks and ticks[0].startswith("warming up: ")
     quiet = io.StringIO()
     with ProgressTicker("x", every=0.01, enabled=False, stream=quiet):
         time.sleep(0.05)
