@@ -148,3 +148,21 @@ class FeatureExtractor(nn.Module):
         dev = tensors[0].device if tensors else torch.device("cpu")
         x = torch.zeros((1, *input_shape), device=dev)
         return {k: tuple(v.shape[1:]) for k, v in self(x).items()}
+
+
+def imagenet_input(x: torch.Tensor, resolution, encoder: str, keep_dtype: bool = False) -> torch.Tensor:
+    """Samples x [N, 3, H, W] in [-1, 1] -> the input of an ImageNet-trained encoder: [0, 1], then the ImageNet
+    mean/std, bilinearly resized to `resolution` x `resolution` (antialiased when shrinking; None keeps the size),
+    contiguous NCHW. fp32 unless `keep_dtype`. `encoder` names the caller in the error for a non-RGB input."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"{encoder} features expect RGB x [N, 3, H, W] in [-1, 1], got {tuple(x.shape)}")
+    h = x if keep_dtype else x.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    h = ((h + 1.0) * 0.5 - mean) / std
+    if resolution is not None and h.shape[-2:] != (resolution, resolution):
+        shrink = h.shape[-1] > resolution or h.shape[-2] > resolution
+        h = F.interpolate(h, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=shrink)
+    # contiguous NCHW whatever the caller's layout: channels-last input + a 1x1 stride-2 conv backward is broken
+    # on CPU (see mae_resnet.py)
+    return h.contiguous()

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drift.features.base import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, base_features, per_location
+from drift.features.base import FeatureExtractor, base_features, imagenet_input, per_location
 from drift.features.weights import WeightsError, load_into, read_weights, strip_prefixes
 
 BASE_DEPTHS = (3, 3, 27, 3)
@@ -158,19 +158,9 @@ class ConvNeXtFeatures(FeatureExtractor):
         self.resolution = resolution
         self.with_base = with_base
         self.prefix = prefix
-        dev = next(model.parameters()).device
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"ConvNeXt features expect RGB x [N, 3, H, W] in [-1, 1], got {tuple(x.shape)}")
-        h = ((x.float() + 1.0) * 0.5 - self.mean) / self.std
-        if h.shape[-2:] != (self.resolution, self.resolution):
-            shrink = h.shape[-1] > self.resolution or h.shape[-2] > self.resolution
-            h = F.interpolate(h, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False,
-                              antialias=shrink)
-        return h.contiguous()  # keep the convs in NCHW whatever the caller's layout (see mae_resnet.py)
+        return imagenet_input(x, self.resolution, "ConvNeXt")
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         out = base_features(x) if self.with_base else {}

@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
-from drift.features.base import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, base_features, map_features
+from drift.features.base import FeatureExtractor, base_features, imagenet_input, map_features
 from drift.features.weights import load_into
 
 
@@ -26,20 +25,11 @@ class TVResNetFeatures(FeatureExtractor):
         self.net = net
         self.resolution = resolution
         self.prefix = prefix
-        dev = next(net.parameters()).device
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"ResNet features expect RGB x [N, 3, H, W] in [-1, 1], got {tuple(x.shape)}")
         out = base_features(x)
-        h = ((x + 1.0) * 0.5 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        if self.resolution is not None and h.shape[-2:] != (self.resolution, self.resolution):
-            h = F.interpolate(h, size=(self.resolution,) * 2, mode="bilinear", align_corners=False,
-                              antialias=h.shape[-1] > self.resolution)
+        h = imagenet_input(x, self.resolution, "ResNet", keep_dtype=True)
         n = self.net
-        h = h.contiguous()  # channels-last input + 1x1 stride-2 conv backward is broken on CPU (see mae_resnet.py)
         h = n.maxpool(n.relu(n.bn1(n.conv1(h))))
         for i in range(1, 5):
             h = getattr(n, f"layer{i}")(h)
