@@ -24,6 +24,7 @@ from typing import List, Optional
 
 from data_prep import pack as packmod
 from data_prep.verify import verify
+from drift.cli import run_main
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
@@ -88,54 +89,48 @@ def _summary(m: dict, out: str, t0: float) -> None:
         print(f"  ... and {len(m['rejected']) - 20} more (see {os.path.join(out, 'manifest.json')})")
 
 
+def _main(argv: List[str]) -> int:
+    a = build_parser().parse_args(argv)
+    t0 = time.time()
+    if a.cmd in ("imagefolder", "idx") and os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise NotADirectoryError(f"OUT {a.out!r} exists and is not a directory")
+    if a.cmd == "imagefolder":
+        src_real, out_real = os.path.realpath(a.src), os.path.realpath(a.out)
+        if out_real == src_real or out_real.startswith(src_real + os.sep):
+            raise ValueError(f"OUT {a.out!r} must not be inside SRC {a.src!r} (it would be scanned as a class)")
+        scan = packmod.scan_imagefolder(a.src)
+        m = packmod.pack(a.out, scan.classes, scan.candidates, _settings(a), source_kind="imagefolder",
+                         source=a.src, scan_rejected=scan.rejected, files_seen=scan.files_seen,
+                         dirs_seen=scan.dirs_seen)
+        _summary(m, a.out, t0)
+    elif a.cmd == "idx":
+        names = None
+        if a.class_names == "fashion-mnist":
+            names = FASHION_MNIST_CLASSES
+        elif a.class_names:
+            names = [n.strip() for n in a.class_names.split(",")]
+        classes, cands, images = packmod.scan_idx(a.src, a.split, names)
+        m = packmod.pack(a.out, classes, cands, _settings(a), source_kind=f"idx:{a.split}", source=a.src,
+                         idx_images=images)
+        _summary(m, a.out, t0)
+    else:
+        problems = verify(a.out, workers=a.workers, decode=not a.no_decode, progress=not a.quiet)
+        if problems:
+            for p in problems:
+                print(f"verify: {p}", file=sys.stderr)
+            print(f"drift-prep verify: {len(problems)} problem(s) in {a.out}", file=sys.stderr)
+            return 1
+        print(f"drift-prep verify: {a.out} OK ({time.time() - t0:.1f} s)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["latents"]:  # SD-VAE latent caching has its own parser (needs torch + diffusers)
         from data_prep.latents import main as latents_main
         return latents_main(argv[1:])
-    debug = "--debug" in argv
-    argv = [x for x in argv if x != "--debug"]
-    a = build_parser().parse_args(argv)
-    t0 = time.time()
-    try:
-        if a.cmd in ("imagefolder", "idx") and os.path.exists(a.out) and not os.path.isdir(a.out):
-            raise NotADirectoryError(f"OUT {a.out!r} exists and is not a directory")
-        if a.cmd == "imagefolder":
-            src_real, out_real = os.path.realpath(a.src), os.path.realpath(a.out)
-            if out_real == src_real or out_real.startswith(src_real + os.sep):
-                raise ValueError(f"OUT {a.out!r} must not be inside SRC {a.src!r} (it would be scanned as a class)")
-            scan = packmod.scan_imagefolder(a.src)
-            m = packmod.pack(a.out, scan.classes, scan.candidates, _settings(a), source_kind="imagefolder",
-                             source=a.src, scan_rejected=scan.rejected, files_seen=scan.files_seen,
-                             dirs_seen=scan.dirs_seen)
-            _summary(m, a.out, t0)
-        elif a.cmd == "idx":
-            names = None
-            if a.class_names == "fashion-mnist":
-                names = FASHION_MNIST_CLASSES
-            elif a.class_names:
-                names = [n.strip() for n in a.class_names.split(",")]
-            classes, cands, images = packmod.scan_idx(a.src, a.split, names)
-            m = packmod.pack(a.out, classes, cands, _settings(a), source_kind=f"idx:{a.split}", source=a.src,
-                             idx_images=images)
-            _summary(m, a.out, t0)
-        else:
-            problems = verify(a.out, workers=a.workers, decode=not a.no_decode, progress=not a.quiet)
-            if problems:
-                for p in problems:
-                    print(f"verify: {p}", file=sys.stderr)
-                print(f"drift-prep verify: {len(problems)} problem(s) in {a.out}", file=sys.stderr)
-                return 1
-            print(f"drift-prep verify: {a.out} OK ({time.time() - t0:.1f} s)")
-    except (OSError, ValueError) as e:  # bad arguments, unreadable or unwritable paths: the user's to fix
-        if debug:
-            raise
-        msg = str(e) or type(e).__name__
-        if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
-            msg = f"{msg}: {e.filename}"
-        print(f"drift-prep: error: {msg}", file=sys.stderr)
-        return 2
-    return 0
+    # bad arguments, unreadable or unwritable paths: one line, exit code 2 (--debug: the traceback)
+    return run_main(_main, argv, "drift-prep", user_errors=(OSError,))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from PIL import Image
 from data_prep import pack as packmod
 from data_prep.images import center_crop_adm
 import drift.schema as schema
+from drift.cli import run_main
 
 LATENT_EXT = "npy"      # drift.latent_data reads this component
 VAE_SCALE = 0.18215     # SD-VAE latent scale (same constant as drift.features.vae.VAE_SCALE)
@@ -240,18 +241,18 @@ def run(src: str, out: str, vae_dir: str, *, size: int = 256, batch_size: int = 
     return manifest
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _main(argv: List[str]) -> int:
     a = build_parser().parse_args(argv)
     t0 = time.time()
-    try:
-        m = run(a.src, a.out, a.vae, size=a.size, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
-                posterior=a.posterior, seed=a.seed, progress=not a.quiet)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        print(f"drift-prep latents: error: {e}", file=sys.stderr)
-        return 2
+    m = run(a.src, a.out, a.vae, size=a.size, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
+            posterior=a.posterior, seed=a.seed, progress=not a.quiet)
     print(f"drift-prep latents: {m['num_samples']} samples x 2 flips, latent {m['latent_shape'][1:]} "
           f"({m['latent_dtype']}) in {len(m['shards'])} shard(s) -> {a.out} ({time.time() - t0:.1f} s)")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_main(_main, argv, "drift-prep latents", user_errors=(OSError,))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Everything else is a bug and keeps its traceback. Imports only the standard libr
 from __future__ import annotations
 
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
@@ -24,14 +24,18 @@ class UserError(Exception):
     """A problem with what the user asked for (a flag, a file, a configuration), not a bug."""
 
 
-def run_main(fn: Callable[[List[str]], int], argv: Optional[Sequence[str]], prog: str) -> int:
-    """Call fn(argv) and turn a user error into `prog: error: <message>` on stderr and exit code 2."""
+def run_main(fn: Callable[[List[str]], int], argv: Optional[Sequence[str]], prog: str,
+             user_errors: Tuple[type, ...] = ()) -> int:
+    """Call fn(argv) and turn a user error into `prog: error: <message>` on stderr and exit code 2.
+
+    `user_errors` adds exception types a script counts as the user's too (drift-prep: any OSError, since its
+    inputs and outputs are the user's files and disks)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
         return int(fn(args) or 0)
-    except (UserError,) + USER_ERRORS as e:
+    except (UserError,) + USER_ERRORS + tuple(user_errors) as e:
         if debug:
             raise
         msg = str(e) or type(e).__name__
