@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from drift.config import SHAPE_KEYS, TrainConfig, config_diff
+from drift.schema import write_atomic, write_json_atomic
 
 CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
@@ -72,15 +73,6 @@ def latest_checkpoint(out_dir: str) -> Optional[str]:
     `latest` pointer: a pointer left stale by a kill between the rename and its update never hides a newer one."""
     steps = list_checkpoints(out_dir)
     return os.path.join(ckpt_root(out_dir), step_name(steps[-1])) if steps else None
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _HashingWriter:
@@ -144,7 +136,7 @@ def _finalize(out_dir: str, step: int, crash: bool, keep: int) -> str:
     else:
         os.replace(tmp, final)
     if not crash:
-        _atomic_write_text(os.path.join(root, "latest"), step_name(step) + "\n")
+        write_atomic(os.path.join(root, "latest"), step_name(step) + "\n")
         if keep > 0:
             for s in list_checkpoints(out_dir)[:-keep]:
                 shutil.rmtree(os.path.join(root, step_name(s)), ignore_errors=True)
@@ -178,7 +170,7 @@ def save(out_dir: str, step: int, *, rank: int, is_main: bool, model_state: dict
     gathered = _gather_to_main(files)  # also the barrier after every rank's files
     if is_main:
         meta = dict(meta, files={k: v for part in gathered for k, v in sorted(part.items())})
-        _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(os.path.join(tmp, "meta.json"), meta, indent=2)
     barrier()
     if is_main:
         _finalize(out_dir, step, crash, keep)

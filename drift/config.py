@@ -203,11 +203,8 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def save_json(self, path: str) -> None:
-        import os
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json() + "\n")
-        os.replace(tmp, path)
+        from drift.schema import write_atomic
+        write_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load_json(cls, path: str) -> "TrainConfig":

@@ -13,7 +13,6 @@ and Fréchet distance of 10,000 samples in a small classifier's features, beside
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import time
 from typing import Optional, Sequence
 
 from drift.cli import run_main
+from drift.schema import write_json_atomic
 
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -102,11 +102,7 @@ def evaluate_run(out_dir: str, data: str, *, num_eval: int = 10000, cache_dir: O
     metrics["meets_targets"] = bool(metrics["class_accuracy"] >= TARGET_ACCURACY
                                     and metrics["fd"] <= TARGET_FD_RATIO * metrics["fd_class_mean"])
     sample_grid(out_dir, os.path.join(out_dir, "samples.png"), per_class=10, alpha=alpha, seed=seed)
-    tmp = os.path.join(out_dir, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics, indent=2)
     return metrics
 
 

@@ -39,6 +39,7 @@ from drift.fid import (InceptionFeatures, REF_IMAGES_HELP, REF_STATS_HELP, check
                        frechet_distance_to, inception_score, iter_npz_array, load_ref_stats, precision_recall)
 from drift.sampler import (generate, load_decoder, load_generator, rank_chunks, resolve_ckpt_dir, sample_shape,
                            validation_labels, vae_path_for, write_adm_npz)
+from drift.schema import write_json_atomic
 
 STATE_VERSION = 1  # bump when the meaning of the files under OUT/alpha_<a>/ changes
 
@@ -56,11 +57,7 @@ def _savez(path: str, **arrays) -> None:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2)
 
 
 def alpha_dir(out: str, alpha: float) -> str:

@@ -163,12 +163,17 @@ def read_manifest(root: str) -> Dict[str, Any]:
     return validate_manifest(m, path)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to a temporary name in the same directory, then rename (readers never see half a file)."""
+def write_atomic(path: str, data) -> None:
+    """Write `data` (str as UTF-8, or bytes) to a temporary name beside `path`, flush it to disk, then rename:
+    a reader, or the next run after a kill, sees the old file or the new one, never half a file."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False, sort_keys=True)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any, indent: int = 1) -> None:
+    """`obj` as sorted JSON (non-ASCII kept) with a final newline, written by `write_atomic`."""
+    write_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=True) + "\n")

@@ -20,6 +20,8 @@ import secrets
 import string
 from typing import Any, Dict, Optional
 
+from drift.schema import write_atomic
+
 
 class DummyWandb:
     """Same call surface as a wandb run; does nothing (disabled mode, non-zero ranks)."""
@@ -95,10 +97,5 @@ def cut_log(path: str, step: int, keep_bytes: Optional[int] = None) -> int:
         kept = b"".join(line for line in data.splitlines(keepends=True) if _complete_before(line, step))
     if kept == data:
         return 0
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, kept)
     return len(data.splitlines()) - len(kept.splitlines())
