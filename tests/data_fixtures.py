@@ -212,3 +212,15 @@ def write_fake_idx_dir(root, n_train=256, n_test=128):
         write_idx(str(root / (img + ".gz")), u8, gz=True)
         write_idx(str(root / (lbl + ".gz")), y.numpy().astype(np.uint8), gz=True)
     return root
+
+
+def save_tiny_vae(path, sample_size: int) -> str:
+    """A tiny randomly initialised SD-VAE (diffusers AutoencoderKL: 8x downsampling, 4 latent channels, seed 0)
+    saved in diffusers' directory format at `path`, the layout `--vae DIR` reads. Returns str(path)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=sample_size)
+    vae.save_pretrained(str(path))
+    return str(path)

@@ -30,6 +30,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.data_fixtures import save_tiny_vae
+
 BIN = os.path.dirname(sys.executable)
 CLASSES = ("n01440764", "n01443537", "n01484850")
 PER_CLASS = 6
@@ -77,14 +79,7 @@ def make_imagefolder(root) -> int:
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     """A tiny random SD-VAE (downsampling 8x, 4 latent channels) saved in diffusers' directory format."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64)
-    d = tmp_path_factory.mktemp("sd-vae")
-    vae.save_pretrained(str(d))
-    return d
+    return save_tiny_vae(tmp_path_factory.mktemp("sd-vae"), 64)
 
 
 @pytest.fixture(scope="module")

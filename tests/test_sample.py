@@ -16,6 +16,7 @@ from drift.fid import iter_npz_array
 from drift.sample import main as sample_main
 from drift.sampler import (generate, index_seed, is_latent, load_generator, rank_chunks, save_grid, to_uint8,
                            vae_path_for, validation_labels, write_adm_npz)
+from tests.data_fixtures import save_tiny_vae
 from tests.trainer_utils import toy_images, train_tiny
 
 BIN = os.path.dirname(sys.executable)
@@ -30,14 +31,7 @@ def pixel_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     """A tiny randomly initialised AutoencoderKL in diffusers' directory format: 32x32x3 <-> 4x4x4."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
-    d = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(str(d))
-    return str(d)
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"), 32)
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,14 @@ from data_prep import latents as latmod
 from data_prep import pack as packmod
 from drift.features import DecodeFirst, WeightsError, build_feature_extractor, load_vae
 from drift.latent_data import LatentShards, build_latent_loader, is_latent_dir
+from tests.data_fixtures import save_tiny_vae
 
 SIZE = 32  # images; latents are 4 x 4 x 4
 
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=SIZE)
-    d = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(str(d))
-    return str(d)
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"), SIZE)
 
 
 @pytest.fixture(scope="module")
