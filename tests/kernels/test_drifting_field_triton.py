@@ -78,9 +78,10 @@ def degenerate_inputs(B=1, S=32, ratio=300.0, seed=0):
     x - u + e' (|v| = |u| = ratio, e, e' ~ N(0, 1)): the attractions and repulsions nearly cancel, so
     ||force|| is ~ratio times smaller than the targets' spread around x. A Gram estimate of ||force||^2 then
     loses ~ratio^2 of its relative precision, while the streaming sum (and the reference) lose ~ratio. At
-    ratio 300 the unguarded stored route misses the 2x rule (loss ~20x over its bound, force ~2x) and the
-    guarded one meets it (<= 0.65 of the bound); by ratio ~3000 even streaming misses it on the loss, since
-    passes 2 and 3 form the force in different orders while the reference normalizes the very force it has."""
+    ratio 300 the unguarded stored route's loss error is ~4x the streaming route's (interpreter, Xeon with
+    AVX-512; it missed the 2x rule against torch's reference by ~20x on an AMD EPYC, where the guarded route met
+    it), since passes 2 and 3 form the force in different orders while the reference normalizes the very force
+    it has."""
     g = torch.Generator().manual_seed(seed)
 
     def unit():
@@ -213,18 +214,25 @@ def test_field_triton_interp_split_route(J):
 @pytest.mark.interp
 @needs_interp
 def test_field_triton_interp_stored_guard(monkeypatch):
-    # Where ||force|| << the targets' spread the Gram estimate of pass 2 is not good enough for the 2x rule
-    # (the check fails with the guard off), and the guard streams those rows instead (the check passes; its
-    # sums of squares equal those of always streaming, bit for bit).
+    # Where ||force|| << the targets' spread the Gram estimate of pass 2 loses ~ratio^2 of its precision where
+    # streaming loses ~ratio: the guard streams those rows instead, with the sums of squares (so RMS and loss)
+    # of always streaming, bit for bit, and the unguarded estimate is clearly worse. The yardstick is the
+    # streaming route itself: at this cancellation every fp32 route sits at its noise floor, and how far below
+    # it torch's own fp32 reference lands depends on the CPU's matmul kernels (the 2x rule against it holds on
+    # AMD EPYC and misses by ~1.4x for every route on a Xeon with AVX-512), so the 2x rule is checked with the
+    # floor of such noise-floor cases (TIE_FLOOR, 1e-4 of the output's scale).
     gen, pos, neg, w = degenerate_inputs()
+    gold = golden(gen, pos, neg, w)
     with _forced_stored(16):
-        guarded = check_backend("triton", gen, pos, neg, w)
+        guarded = drifting_field(gen, pos, neg, w, backend="triton")
         monkeypatch.setattr(launch, "GRAM_RTOL", 0.0)  # always stream
         streamed = drifting_field(gen, pos, neg, w, backend="triton")
         monkeypatch.setattr(launch, "GRAM_RTOL", 1e30)  # never stream
-        with pytest.raises(AssertionError):
-            check_backend("triton", gen, pos, neg, w)
-    assert torch.equal(guarded.force_rms, streamed.force_rms)
+        unguarded = drifting_field(gen, pos, neg, w, backend="triton")
+    assert torch.equal(guarded.force_rms, streamed.force_rms) and torch.equal(guarded.loss, streamed.loss)
+    err = lambda r: float((r.loss.double() - gold["loss"]).abs().max())  # noqa: E731
+    assert err(unguarded) > 2 * err(streamed)
+    check_backend("triton", gen, pos, neg, w, floor=TIE_FLOOR, res=guarded)
     # Ordinary inputs stay on the Gram estimate (the guard leaves them alone): same bits as never streaming.
     gen, pos, neg, w = case_inputs(2, 5, 4, 3, 37, 1.0, "random", seed=3)
     with _forced_stored(16):
