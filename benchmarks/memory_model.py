@@ -363,7 +363,8 @@ def fixed_bytes(cfg: TrainConfig, item_shape, num_classes: int, width: int, laye
         # conv / linear weights in bf16 under autocast (drift.step.bf16_matmul_weights), the norms in fp32
         "encoder weights": sum(p.numel() * (2.0 if autocast and bf16_encoder_weights and p.dim() > 1 else 4.0)
                                for p in enc.parameters()),
-        "queues": 4.0 * item * (num_classes * cfg.positive_bank_size + cfg.negative_bank_size),
+        "queues": (1.0 if cfg.queue_dtype == "uint8" else 4.0) * item
+                  * (num_classes * cfg.positive_bank_size + cfg.negative_bank_size),
     }
     if autocast:  # autocast keeps one bf16 copy of each weight a matmul reads (cached while the forward runs)
         out["autocast weight copies"] = 2.0 * n_linear

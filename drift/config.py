@@ -71,6 +71,7 @@ class TrainConfig:
     negative_bank_size: int = 1000  # global (unconditional) queue length
     push_per_step: int = 64  # fresh reals pushed into both queues per step (per rank; the loader batch)
     queue_warmup_batches: int = 0  # extra loader batches pushed before step 0 (0 = until every class has items)
+    queue_dtype: str = "float32"  # queue storage: "float32" | "uint8" (image data only: a quarter of the memory)
 
     # ----- optimization -----
     max_steps: int = 30000  # training steps
@@ -137,7 +138,7 @@ class TrainConfig:
         choices = {"augment": ("center", "train"), "loader_backend": ("auto", "dali", "pil"),
                    "normalization": ("xy", "y", "none"), "field_backend": ("auto", "reference", "cpp", "triton"),
                    "alpha_dist": ("power", "mixed", "uniform"), "wandb": ("online", "offline", "disabled"),
-                   "device": ("auto", "cpu", "cuda")}
+                   "device": ("auto", "cpu", "cuda"), "queue_dtype": ("float32", "uint8")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -314,12 +315,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 # Memory levers of the paper presets at their per-GPU shapes on one 8-GPU node (ablation: 8 labels per GPU, the
 # others 16), chosen with benchmarks/memory_model.py (benchmarks/RESULTS.md, "Trainer on GPU"): the label-chunked
-# step (exact), bf16 feature keys where 16 labels of MAE-640 keys need them, generator checkpointing for L/2.
+# step (exact), bf16 feature keys where 16 labels of MAE-640 keys need them, generator checkpointing for L/2;
+# the pixel presets keep their image queues in uint8 (25 GB per rank instead of 101 GB).
 PRESETS["ablation-B/2"].update(label_chunk=2)
 PRESETS["B/2"].update(label_chunk=1, bf16_keys=True)
 PRESETS["L/2"].update(label_chunk=1, bf16_keys=True, grad_checkpointing=True)
-PRESETS["B/16"].update(label_chunk=1, bf16_keys=True)
-PRESETS["L/16"].update(label_chunk=1, bf16_keys=True)
+PRESETS["B/16"].update(label_chunk=1, bf16_keys=True, queue_dtype="uint8")
+PRESETS["L/16"].update(label_chunk=1, bf16_keys=True, queue_dtype="uint8")
 
 # Tiny preset for tests: seconds per step on one core.
 PRESETS["tiny"] = dict(PRESETS["demo"], features="pixels", hidden_size=32, depth=1, num_heads=2, num_prefix_tokens=2,

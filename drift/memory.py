@@ -14,7 +14,7 @@ What is counted, per rank (bytes):
   generated samples), per generated sample, from the encoder's stage widths and resolutions (MAE-ResNet,
   ConvNeXt-V2 Base, torchvision ResNets; a few copies of the sample for the encoder-free pixel features);
   the encoder's own weights; the feature maps of the real positives and negatives (kept for the field);
-* the device-resident queues (per-class and global ring buffers of fp32 items).
+* the device-resident queues (per-class and global ring buffers of fp32 items, or uint8 images).
 Peaks of the allocator, fragmentation, workspace of fused kernels and torch.compile buffers are not modelled:
 the number is meant to catch a configuration that is off by a large factor (the ImageNet defaults on a laptop),
 not to predict a GPU's peak. The free memory is `torch.cuda.mem_get_info` on CUDA and MemAvailable of
@@ -134,7 +134,8 @@ def estimate_train_memory(cfg, num_classes: int, item_shape: Sequence[int], worl
     est.terms["encoder activations"] = float(gen * enc_act * bytes_el)
     est.terms["encoder weights"] = float(enc_params * 4)
     est.terms["real features"] = float(reals * enc_maps * 4)
-    est.terms["queues"] = float((num_classes * cfg.positive_bank_size + cfg.negative_bank_size) * numel * 4)
+    est.terms["queues"] = float((num_classes * cfg.positive_bank_size + cfg.negative_bank_size) * numel
+                                * (1 if cfg.queue_dtype == "uint8" else 4))
     if device_type == "cuda":
         est.terms["CUDA context"] = 0.5 * GIB
     return est

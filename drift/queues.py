@@ -7,6 +7,11 @@ both; positives for a label are drawn from its class queue and each label gets i
 unconditional samples from the global queue. Draws are without replacement, except that a queue holding
 fewer than n items is sampled with replacement (official `np.random.choice(valid, n, replace=valid < n)`).
 
+Storage: float32 (latents, any data), or uint8 for images in [-1, 1] on the uint8 grid, x = (u - 127.5) / 127.5
+for u in 0..255 (what every image loader of drift-prep shards yields): pushes round back to u, samples return
+(u - 127.5) / 127.5 in float32, the loader's own values, in a quarter of the memory (the pixel presets' 1000 x 128
+images of 256 x 256 x 3 are 101 GB in float32, 25 GB in uint8, per rank).
+
 Unlike the official per-sample Python loops, push and sample here are a handful of vectorized tensor ops on
 the queue's device, with no data-dependent host sync except the optional input checks (`check=True`,
 one `.item()`-style read per call). Slot bookkeeping (`ptr`, `count`) lives in tensors so it can be saved in
@@ -26,6 +31,35 @@ def _as_shape(item_shape) -> tuple:
     if any(s < 1 for s in shape):
         raise ValueError(f"item_shape must hold positive sizes, got {item_shape!r}")
     return shape
+
+
+STORAGE_DTYPES = (torch.float32, torch.uint8)
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"queue dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def _store(x: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """Items as stored: float32, or uint8 images (x in [-1, 1] on the uint8 grid, rounded back to u)."""
+    if dtype == torch.uint8:
+        return (x.to(device=device, dtype=torch.float32) * 127.5 + 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return x.to(device=device, dtype=dtype)
+
+
+def _load(x: torch.Tensor) -> torch.Tensor:
+    """Stored items as float32 (uint8 images back to (u - 127.5) / 127.5)."""
+    if x.dtype == torch.uint8:
+        return (x.to(torch.float32) - 127.5) / 127.5
+    return x
+
+
+def _check_state_dtype(sd: dict, dtype: torch.dtype) -> None:
+    if sd["data"].dtype != dtype:
+        raise ValueError(f"queue state 'data' is {sd['data'].dtype}, this queue stores {dtype} "
+                         "(TrainConfig.queue_dtype differs from the checkpoint's)")
 
 
 def _draw_indices(valid: torch.Tensor, n: int, size: int, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -62,7 +96,7 @@ class ClassQueues:
         self.size = int(size)
         self.item_shape = _as_shape(item_shape)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = dtype
+        self.dtype = _check_dtype(dtype)
         self.data = torch.zeros(self.num_classes, self.size, *self.item_shape, device=self.device, dtype=dtype)
         self.ptr = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)  # next slot to write
         self.counts = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)  # valid items
@@ -103,7 +137,7 @@ class ClassQueues:
         self.last_labels = labels.clone()
         if n == 0:
             return
-        x = x.to(device=self.device, dtype=self.dtype)
+        x = _store(x, self.dtype, self.device)
         # Rank of each item among the items of its class in this batch (stable order = arrival order).
         order = torch.argsort(labels, stable=True)
         sorted_labels = labels[order]
@@ -148,7 +182,7 @@ class ClassQueues:
                                  f"classes first")
         valid = self.counts[labels]
         idx = _draw_indices(valid, n, self.size, generator)  # (k, n)
-        return self.data[labels.unsqueeze(1), idx]  # (k, n, *item_shape)
+        return _load(self.data[labels.unsqueeze(1), idx])  # (k, n, *item_shape), float32
 
     @torch.no_grad()
     def sample_recent_labels(self, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -175,6 +209,7 @@ class ClassQueues:
         expect = (self.num_classes, self.size, *self.item_shape)
         if tuple(sd["data"].shape) != expect:
             raise ValueError(f"queue state 'data' has shape {tuple(sd['data'].shape)}, expected {expect}")
+        _check_state_dtype(sd, self.dtype)
         for key in ("ptr", "counts"):
             if tuple(sd[key].shape) != (self.num_classes,):
                 raise ValueError(f"queue state '{key}' has shape {tuple(sd[key].shape)}, expected ({self.num_classes},)")
@@ -197,7 +232,7 @@ class GlobalQueue:
         self.size = int(size)
         self.item_shape = _as_shape(item_shape)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = dtype
+        self.dtype = _check_dtype(dtype)
         self.data = torch.zeros(self.size, *self.item_shape, device=self.device, dtype=dtype)
         # 0-d tensors rather than Python ints so the state travels with the data (and across devices).
         self.ptr = torch.zeros((), dtype=torch.long, device=self.device)
@@ -217,7 +252,7 @@ class GlobalQueue:
             return
         keep = min(n, self.size)  # a static size: the dropped items would be overwritten anyway
         slot = (self.ptr + (n - keep) + torch.arange(keep, device=self.device)) % self.size
-        self.data[slot] = x[n - keep:].to(device=self.device, dtype=self.dtype)
+        self.data[slot] = _store(x[n - keep:], self.dtype, self.device)
         self.ptr = (self.ptr + n) % self.size
         self.counts = torch.clamp(self.counts + n, max=self.size)
 
@@ -239,7 +274,7 @@ class GlobalQueue:
             raise ValueError("cannot sample from an empty GlobalQueue; push data first")
         valid = self.counts.expand(int(k))
         idx = _draw_indices(valid, int(n), self.size, generator)  # (k, n)
-        return self.data[idx]  # (k, n, *item_shape)
+        return _load(self.data[idx])  # (k, n, *item_shape), float32
 
     def state_dict(self) -> dict:
         """Tensors only (loads under `torch.load(weights_only=True)`)."""
@@ -253,6 +288,7 @@ class GlobalQueue:
         expect = (self.size, *self.item_shape)
         if tuple(sd["data"].shape) != expect:
             raise ValueError(f"queue state 'data' has shape {tuple(sd['data'].shape)}, expected {expect}")
+        _check_state_dtype(sd, self.dtype)
         ptr = sd["ptr"].to(self.device, torch.long).reshape(())
         counts = sd["counts"].to(self.device, torch.long).reshape(())
         if not (0 <= int(counts) <= self.size and 0 <= int(ptr) < self.size):

@@ -151,8 +151,12 @@ class Trainer:
         self.features = build_features(cfg, self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr_at(cfg, 0),
                                      betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-        self.cq = ClassQueues(self.num_classes, cfg.positive_bank_size, self.item_shape, self.device)
-        self.gq = GlobalQueue(cfg.negative_bank_size, self.item_shape, self.device)
+        if cfg.queue_dtype == "uint8" and getattr(self.loader, "kind", "images") != "images":
+            raise ValueError(f"queue_dtype='uint8' stores images on the uint8 grid; {cfg.data_path or 'the data'} "
+                             f"holds {self.loader.kind}: use queue_dtype='float32'")
+        qdt = torch.uint8 if cfg.queue_dtype == "uint8" else torch.float32
+        self.cq = ClassQueues(self.num_classes, cfg.positive_bank_size, self.item_shape, self.device, dtype=qdt)
+        self.gq = GlobalQueue(cfg.negative_bank_size, self.item_shape, self.device, dtype=qdt)
         self.step = 0
         self.loop_state: Dict[str, Any] = {"train_time_s": 0.0}
 

@@ -209,8 +209,61 @@ def test_global_queue_state_round_trip():
         GlobalQueue(size=11, item_shape=(3,)).load_state_dict(g.state_dict())
 
 
-def test_queues_store_in_their_dtype():
-    q = ClassQueues(2, size=3, item_shape=(2,), dtype=torch.uint8)
-    q.push(torch.tensor([[1, 2], [3, 4]], dtype=torch.uint8), torch.tensor([0, 1]))
-    s = q.sample(torch.tensor([0, 1]), 2, generator=torch.Generator().manual_seed(0))
-    assert s.dtype == torch.uint8 and s[0].tolist() == [[1, 2], [1, 2]] and s[1].tolist() == [[3, 4], [3, 4]]
+def test_uint8_image_queues_give_back_the_loaders_values():
+    """uint8 storage of [-1, 1] images on the uint8 grid: samples equal the float32 queue's bit for bit, also when
+    the loader's normalization rounded a value one ulp off (DALI's multiply by 1/127.5), in a quarter of the bytes."""
+    u = torch.arange(256, dtype=torch.uint8).view(4, 1, 8, 8)
+    x = (u.float() - 127.5) / 127.5  # the PIL loader's normalization
+    off = torch.nextafter(x, torch.full_like(x, 2.0))  # one ulp up
+    labels = torch.tensor([0, 1, 0, 1])
+    q8, q32 = ClassQueues(2, 4, (1, 8, 8), dtype=torch.uint8), ClassQueues(2, 4, (1, 8, 8))
+    g8, g32 = GlobalQueue(4, (1, 8, 8), dtype=torch.uint8), GlobalQueue(4, (1, 8, 8))
+    q8.push(off, labels)
+    q32.push(x, labels)
+    g8.push(off)
+    g32.push(x)
+    assert q8.data.dtype == torch.uint8 and q8.data.element_size() * 4 == q32.data.element_size()
+    assert torch.equal(q8.data[0, :2], u[[0, 2]])  # stored as the original bytes
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a, b = q8.sample(torch.tensor([0, 1, 1]), 2, gen()), q32.sample(torch.tensor([0, 1, 1]), 2, gen())
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert torch.equal(g8.sample(2, 3, gen()), g32.sample(2, 3, gen()))
+
+
+def test_queue_dtype_is_checked():
+    with pytest.raises(ValueError, match="dtype"):
+        ClassQueues(2, 3, (2,), dtype=torch.float16)
+    with pytest.raises(ValueError, match="dtype"):
+        GlobalQueue(3, (2,), dtype=torch.int32)
+    q32 = ClassQueues(2, 3, (2,))
+    with pytest.raises(ValueError, match="queue_dtype"):  # a float32 checkpoint into a uint8 run, never a cast
+        ClassQueues(2, 3, (2,), dtype=torch.uint8).load_state_dict(q32.state_dict())
+    with pytest.raises(ValueError, match="queue_dtype"):
+        GlobalQueue(3, (2,)).load_state_dict(GlobalQueue(3, (2,), dtype=torch.uint8).state_dict())
+
+
+def test_uint8_queues_train_like_float32_queues_on_image_data(tmp_path):
+    """queue_dtype="uint8" (the pixel presets'): a run on images of the uint8 grid equals the float32 run step for
+    step; resuming a float32 run with uint8 queues, or keeping latents in uint8, is refused with the reason."""
+    from drift.checkpoint import CheckpointError
+    from drift.trainer import Trainer, train
+    from tests.trainer_utils import history, loader_factory, tiny
+    g = torch.Generator().manual_seed(0)
+    u = torch.randint(0, 256, (32, 1, 8, 8), generator=g, dtype=torch.uint8)
+    x, y = (u.float() - 127.5) / 127.5, torch.arange(32) % 4
+    runs = {}
+    for dt in ("float32", "uint8"):
+        cfg = tiny(tmp_path / dt, max_steps=4, ckpt_every=4, queue_dtype=dt)
+        runs[dt] = history(train(cfg, loader_factory=loader_factory(x, y)))
+    assert runs["uint8"] == runs["float32"]  # bit for bit
+    with pytest.raises(CheckpointError, match="queue_dtype"):
+        Trainer(tiny(tmp_path / "float32", max_steps=6, queue_dtype="uint8"), resume="auto",
+                loader_factory=loader_factory(x, y))
+
+    def latents(cfg, info):
+        loader = loader_factory(x, y)(cfg, info)
+        loader.kind = "latents"
+        return loader
+
+    with pytest.raises(ValueError, match="queue_dtype='uint8'.*latents"):
+        Trainer(tiny(tmp_path / "lat", queue_dtype="uint8"), loader_factory=latents)
