@@ -24,8 +24,9 @@ measured on the real `Trainer` step on the CPU under bf16 autocast with CUDA's a
 
 Per-sample terms are the difference of 2 and 1 labels divided by the samples (fixed costs cancel), then scaled
 to the preset's depth and encoder width (linear; `test_memory_model.py` checks the extrapolation against a
-direct measurement). The field's transient is modelled: the largest key's force buffer and the loss's three
-fp32 temporaries. Peaks:
+direct measurement). The field's transient is modelled: the largest key's force buffer and, unless
+cfg.fused_loss, the loss's three fp32 temporaries. (The loss saves one fp32 copy of each key either way: (x - goal),
+or the force when fused.) Peaks:
 
   plain:   max(field: fixed + nG (gen saved + enc saved + loss saved + live keys) + n(P+U) real keys + field,
                backward: fixed + nG (gen saved + enc saved + loss saved + backward working set))
@@ -398,7 +399,8 @@ def predict(co: Coefficients, cfg: TrainConfig, labels: int, label_chunk: int, w
     real_keys, bwd = lin(co.real_keys, width), lin(co.bwd, width)
     fixed_total = sum(fixed.values())
     n = labels
-    field_tmp = 4.0 * 4 * n * G * layout["max_key"]  # force buffer + x, goal, (x - goal)^2 in fp32, largest key
+    # The largest key's fp32 force buffer, plus x, goal and (x - goal)^2 in fp32 unless the loss is fused.
+    field_tmp = 4.0 * (1 if cfg.fused_loss else 4) * n * G * layout["max_key"]
     chunked = 0 < label_chunk < n
     terms: Dict[str, float] = dict(fixed)
     if not chunked:

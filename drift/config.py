@@ -58,6 +58,7 @@ class TrainConfig:
     # ----- step memory (drift/step.py; benchmarks/RESULTS.md "Trainer on GPU") -----
     label_chunk: int = 0  # labels per chunk of the label-chunked step, same losses and gradients (0 = one graph)
     bf16_keys: bool = False  # feature keys kept and passed to the field in bf16 (the field computes in fp32)
+    fused_loss: bool = False  # loss and gradient straight from the field's force (equal up to fp32 rounding)
 
     # ----- CFG (alpha) -----
     alpha_dist: str = "power"  # alpha sampler: "power" (p ~ alpha^-k) | "mixed" (same as power) | "uniform"
@@ -315,13 +316,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 # Memory levers of the paper presets at their per-GPU shapes on one 8-GPU node (ablation: 8 labels per GPU, the
 # others 16), chosen with benchmarks/memory_model.py (benchmarks/RESULTS.md, "Trainer on GPU"): the label-chunked
-# step (exact), bf16 feature keys where 16 labels of MAE-640 keys need them, generator checkpointing for L/2;
-# the pixel presets keep their image queues in uint8 (25 GB per rank instead of 101 GB).
-PRESETS["ablation-B/2"].update(label_chunk=2)
-PRESETS["B/2"].update(label_chunk=1, bf16_keys=True)
-PRESETS["L/2"].update(label_chunk=1, bf16_keys=True, grad_checkpointing=True)
-PRESETS["B/16"].update(label_chunk=1, bf16_keys=True, queue_dtype="uint8")
-PRESETS["L/16"].update(label_chunk=1, bf16_keys=True, queue_dtype="uint8")
+# step (exact), bf16 feature keys where 16 labels of MAE-640 keys need them, generator checkpointing for L/2.
+# All five take the fused loss (no per-key elementwise kernels or fp32 key copies around the field); the pixel
+# presets keep their image queues in uint8 (25 GB per rank instead of 101 GB).
+PRESETS["ablation-B/2"].update(label_chunk=2, fused_loss=True)
+PRESETS["B/2"].update(label_chunk=1, bf16_keys=True, fused_loss=True)
+PRESETS["L/2"].update(label_chunk=1, bf16_keys=True, grad_checkpointing=True, fused_loss=True)
+PRESETS["B/16"].update(label_chunk=1, bf16_keys=True, fused_loss=True, queue_dtype="uint8")
+PRESETS["L/16"].update(label_chunk=1, bf16_keys=True, fused_loss=True, queue_dtype="uint8")
 
 # Tiny preset for tests: seconds per step on one core.
 PRESETS["tiny"] = dict(PRESETS["demo"], features="pixels", hidden_size=32, depth=1, num_heads=2, num_prefix_tokens=2,

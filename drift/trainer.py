@@ -316,8 +316,11 @@ class Trainer:
             items.append((gk, pk, nk, wk))
         # All keys in one call: each keeps its own global scale and RMS (the result equals per-key drifting_loss
         # calls bit for bit), with 2 all-reduces instead of 2 per key and one launch per pass and group of keys.
+        # cfg.fused_loss: each loss and its gradient straight from the field's value and force (no elementwise
+        # kernels per key, no fp32 copies of the keys; drift/field/loss.py), equal up to fp32 rounding.
         out = drifting_loss_multi(items, temperatures=cfg.R_list, normalization=cfg.normalization,
-                                  backend=cfg.field_backend, process_group=self.pg, check_finite=False)
+                                  backend=cfg.field_backend, process_group=self.pg, check_finite=False,
+                                  fused=cfg.fused_loss)
         per_key = {k: lk.mean() for k, (lk, _) in zip(keys, out)}  # mean over (label, location) rows
         rms = {k: info["force_rms"].mean() for k, (_, info) in zip(keys, out)}
         return per_key, rms

@@ -25,9 +25,9 @@ def _mae_weights(path):
     return str(path)
 
 
-def _step_grads(t: Trainer, batch, label_chunk: int):
+def _step_grads(t: Trainer, batch, label_chunk: int, fused_loss: bool = False):
     """(per-key losses, force RMS, parameter gradients) of one forward/backward of `t` on `batch`."""
-    t.cfg = t.cfg.replace(label_chunk=label_chunk)
+    t.cfg = t.cfg.replace(label_chunk=label_chunk, fused_loss=fused_loss)
     t.opt.zero_grad(set_to_none=True)
     out = t._forward_backward(batch)
     grads = {n: p.grad.detach().clone() for n, p in t.model.named_parameters()}
@@ -93,6 +93,44 @@ def test_chunked_step_equals_the_plain_step(tmp_path, monkeypatch, features, bf1
         with monkeypatch.context() as m:
             m.setattr(Trainer, "_generate", shifted)
             wrong = _step_grads(t, batch, 1)
+        with pytest.raises(AssertionError):
+            _assert_same(plain, wrong)
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_fused_loss_step_equals_the_plain_step(tmp_path, monkeypatch, backend):
+    """cfg.fused_loss (the paper presets' loss: value and gradient straight from the field's force) gives the plain
+    step's per-key losses and gradients, in the plain and in the chunked step; a wrong gradient scale shows."""
+    if backend == "cpp":
+        pytest.importorskip("drift._C")
+    x, y = toy_images(n=64, size=8)
+    t = Trainer(tiny(tmp_path, features="pixel-multiscale", train_batch_size=4, neg_per_sample=3,
+                     alpha_dist="uniform", cfg_min=1.0, cfg_max=3.0, field_backend=backend),
+                loader_factory=loader_factory(x, y))
+    try:
+        for _ in range(2):
+            t.train_step(t.step)
+            t.step += 1
+        t._push_batch()
+        batch = t._sample_inputs(t.step)
+        t.model.train()
+        monkeypatch.setattr(Trainer, "_generate", _whole_batch_generate(Trainer._generate))
+        plain = _step_grads(t, batch, 0)
+        _assert_same(plain, _step_grads(t, batch, 0, fused_loss=True))
+        _assert_same(plain, _step_grads(t, batch, 1, fused_loss=True))
+        # The fused gradient is -2 force / (G S scale_inputs): a factor off in it must fail the comparison.
+        from drift.field import loss as loss_mod
+        orig = loss_mod._FieldLoss.backward
+
+        def doubled(ctx, grad):
+            g = orig(ctx, grad)
+            return (2 * g[0],) + tuple(g[1:])
+
+        monkeypatch.setattr(loss_mod._FieldLoss, "backward", staticmethod(doubled))
+        wrong = _step_grads(t, batch, 0, fused_loss=True)
+        monkeypatch.setattr(loss_mod._FieldLoss, "backward", staticmethod(orig))
         with pytest.raises(AssertionError):
             _assert_same(plain, wrong)
     finally:
