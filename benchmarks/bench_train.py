@@ -16,7 +16,9 @@ child process (clean memory statistics; an out-of-memory run becomes a row sayin
   generated img/s = labels x gen_per_label / step time;
 * peak memory: torch.cuda.max_memory_allocated over all steps (and the reserved peak); on CPU the process's
   peak RSS (ru_maxrss: everything the process ever held, a loose upper bound);
-* first step (after the compile warm-up) and the compile warm-up (`Trainer.warmup_compile`);
+* the field's Triton precompile (`Trainer.precompile_field`: its kernels compiled in parallel processes before
+  step 0; --no-precompile leaves them to the first step), the compile warm-up (`Trainer.warmup_compile`) and
+  the first step after both; a cold first step is precompile + warm-up + first step on an empty Triton cache;
 * phases (data, generator, encoder, field, backward, optimizer = clip + AdamW + EMA): a separate run of
   --phase-steps steps with a synchronize around each phase (`drift.step.PhaseTimer`), so the timed steps are
   not perturbed; in the label-chunked step the phases of its passes are summed;
@@ -110,7 +112,7 @@ def build_config(args, labels: int, out_dir: str) -> TrainConfig:
     over = dict(train_batch_size=labels, device=args.device, out_dir=out_dir, progress=False, compile=args.compile,
                 queue_warmup_batches=1, wandb="disabled", max_steps=10 ** 6, log_every=10 ** 6, ckpt_every=10 ** 6,
                 label_chunk=args.label_chunk, bf16_keys=args.bf16_keys, field_backend=args.field_backend,
-                seed=args.seed)
+                seed=args.seed, precompile=args.precompile)
     for name in ("hidden_size", "depth", "num_heads", "gen_per_label", "pos_per_sample", "neg_per_sample",
                  "threads"):
         v = getattr(args, name)
@@ -259,6 +261,11 @@ def run_one(args, labels: int) -> dict:
         try:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
+            t.precompile_field()
+            info = t.precompile_info or {}
+            row["precompile_s"] = info.get("seconds")
+            row["precompile_variants"] = info.get("variants")
+            row["precompile_errors"] = info.get("errors")
             t.warmup_compile()
             row["compile_warmup_s"] = t.compile_warmup_s
             _sync(dev)
@@ -319,7 +326,7 @@ def run_one(args, labels: int) -> dict:
 
 COLUMNS = [("preset", "preset", 13, ""), ("labels_per_gpu", "labels", 6, "d"), ("label_chunk", "chunk", 5, "d"),
            ("compile", "compile", 7, ""), ("step_ms", "step ms", 9, ".1f"), ("img_per_s", "img/s", 8, ".0f"),
-           ("peak_gib", "peak GiB", 8, ".2f"), ("first_step_s", "1st s", 6, ".2f"),
+           ("peak_gib", "peak GiB", 8, ".2f"), ("precompile_s", "pre s", 6, ".1f"), ("first_step_s", "1st s", 6, ".2f"),
            ("compile_warmup_s", "compile s", 9, ".1f"), ("ph_generator", "gen ms", 7, ".1f"),
            ("ph_encoder", "enc ms", 7, ".1f"), ("ph_field", "field ms", 8, ".1f"), ("ph_backward", "bwd ms", 7, ".1f"),
            ("ph_optimizer", "opt ms", 7, ".1f"), ("model_tflops", "TFLOP/s", 8, ".2f"), ("mfu", "MFU", 6, ".3f"),
@@ -362,6 +369,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="feature keys in bf16 into the field (default: the preset's)")
     p.add_argument("--field-backend", default="auto", choices=("auto", "reference", "cpp", "triton"),
                    help="drifting field backend")
+    p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the field's Triton kernels in parallel processes before the first step (GPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps after the first step")
     p.add_argument("--phase-steps", type=int, default=3, help="steps of the phase-timed run (0 = none)")

@@ -109,6 +109,7 @@ class TrainConfig:
     seed: int = 0  # global seed (model init, per-step sampling streams, loader)
     device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda"
     compile: bool = True  # torch.compile the generator and the encoder (warm-up, then state restored)
+    precompile: bool = True  # compile the step's Triton field kernels in parallel processes before step 0 (GPU)
     bf16: bool = True  # bf16 autocast for generator and encoder on CUDA (never on CPU)
     threads: int = 0  # torch intra-op threads on CPU (0 = torch default)
 

@@ -72,6 +72,12 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    """Whether t is a FakeTensor (shapes only, no data)."""
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
 def _autocast_device(device: torch.device) -> str:
     """Device type for `torch.autocast`; devices without autocast support (e.g. meta) map to "cpu", whose
     disabled-autocast context is then a harmless no-op."""
@@ -367,9 +373,10 @@ class DriftDiT(nn.Module):
                                   or style.dtype not in (torch.int64, torch.int32)):
             raise ValueError(f"style must be an integer tensor of shape [{N}, {self.num_style_tokens}], "
                              f"got {style.dtype} {tuple(style.shape)}")
-        # Value checks read the data; do them only in eager mode on CPU, where they cost no device sync.
-        # (On CUDA an out-of-range index trips the embedding kernel's own device assert.)
-        if not torch.compiler.is_compiling() and labels.device.type == "cpu":
+        # Value checks read the data; do them only in eager mode on CPU, where they cost no device sync, and not
+        # on fake tensors, which have no data (drift/precompile.py). (On CUDA an out-of-range index trips the
+        # embedding kernel's own device assert.)
+        if not torch.compiler.is_compiling() and labels.device.type == "cpu" and not _is_fake(labels):
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
                 raise ValueError(f"labels must lie in [0, {self.num_classes}), got range "
                                  f"[{int(labels.min())}, {int(labels.max())}]")

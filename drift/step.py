@@ -98,39 +98,47 @@ def phase(timer: Optional[PhaseTimer], name: str):
     return contextlib.nullcontext() if timer is None else timer(name)
 
 
+def chunk_keys(tr, batch, chunks) -> tuple:
+    """Phase A of the chunked step: the keys of every generated and real sample of the rank, without a graph,
+    copied chunk by chunk into buffers for all labels (so the peak holds one chunk's keys beside the buffers,
+    not every chunk's twice). Returns (f_gen, f_pos, f_unc) as key -> [n*G | n*P | n*U, L, D] (f_unc None
+    without negatives). Call under no_grad and the trainer's autocast."""
+    cfg, timer = tr.cfg, tr.phase_timer
+    G, U, P, n = cfg.gen_per_label, cfg.neg_per_sample, cfg.pos_per_sample, tr.nc_local
+    f_gen, f_pos, f_unc = {}, {}, ({} if U else None)
+    for lo, hi in chunks:
+        with phase(timer, "generator"):
+            x = tr._generate(batch, lo, hi, graph=False)
+        with phase(timer, "encoder"):
+            # One encoder call for the chunk's generated samples and reals (one compiled variant per block
+            # shape instead of two). The samples are promoted to the reals' dtype: the same values, so the
+            # keys are the same; a key that is the sample itself is then fp32 where phase C's is bf16, and
+            # its gradient is rounded to bf16 in phase C's backward, as the plain step rounds it.
+            f = tr._encode(torch.cat([x.to(batch["pos"].dtype), tr._reals(batch, lo, hi)]))
+            ng, npos = (hi - lo) * G, (hi - lo) * P
+            for k, v in f.items():
+                if k not in f_gen:
+                    f_gen[k] = v.new_empty((n * G, *v.shape[1:]))
+                    f_pos[k] = v.new_empty((n * P, *v.shape[1:]))
+                    if U:
+                        f_unc[k] = v.new_empty((n * U, *v.shape[1:]))
+                f_gen[k][lo * G:hi * G].copy_(v[:ng])
+                f_pos[k][lo * P:hi * P].copy_(v[ng:ng + npos])
+                if U:
+                    f_unc[k][lo * U:hi * U].copy_(v[ng + npos:])
+        del x, f
+    return f_gen, f_pos, f_unc
+
+
 def chunked_forward_backward(tr, batch) -> Dict[str, object]:
     """The label-chunked step of Trainer `tr` on `batch` (module docstring); leaves the parameter gradients
     in `.grad` and returns what `Trainer._loss` returns, with the loss detached."""
     cfg = tr.cfg
-    G, U = cfg.gen_per_label, cfg.neg_per_sample
+    G = cfg.gen_per_label
     chunks = label_chunks(tr.nc_local, cfg.label_chunk)
     timer = tr.phase_timer
-    # A: the keys of every generated and real sample, without a graph, copied chunk by chunk into buffers for
-    # all labels (so the peak holds one chunk's keys beside the buffers, not every chunk's twice).
-    n, P = tr.nc_local, cfg.pos_per_sample
-    f_gen, f_pos, f_unc = {}, {}, ({} if U else None)
     with torch.no_grad(), tr._autocast():
-        for lo, hi in chunks:
-            with phase(timer, "generator"):
-                x = tr._generate(batch, lo, hi, graph=False)
-            with phase(timer, "encoder"):
-                # One encoder call for the chunk's generated samples and reals (one compiled variant per block
-                # shape instead of two). The samples are promoted to the reals' dtype: the same values, so the
-                # keys are the same; a key that is the sample itself is then fp32 where phase C's is bf16, and
-                # its gradient is rounded to bf16 in phase C's backward, as the plain step rounds it.
-                f = tr._encode(torch.cat([x.to(batch["pos"].dtype), tr._reals(batch, lo, hi)]))
-                ng, npos = (hi - lo) * G, (hi - lo) * P
-                for k, v in f.items():
-                    if k not in f_gen:
-                        f_gen[k] = v.new_empty((n * G, *v.shape[1:]))
-                        f_pos[k] = v.new_empty((n * P, *v.shape[1:]))
-                        if U:
-                            f_unc[k] = v.new_empty((n * U, *v.shape[1:]))
-                    f_gen[k][lo * G:hi * G].copy_(v[:ng])
-                    f_pos[k][lo * P:hi * P].copy_(v[ng:ng + npos])
-                    if U:
-                        f_unc[k][lo * U:hi * U].copy_(v[ng + npos:])
-            del x, f
+        f_gen, f_pos, f_unc = chunk_keys(tr, batch, chunks)  # A
     # B: the field over all labels, a group of keys at a time; the gradient of the group's summed loss with
     # respect to each of its generated keys (no other key depends on them), after which the group's keys and
     # the loss's saved (x - goal) are freed.
@@ -169,6 +177,26 @@ def chunked_forward_backward(tr, batch) -> Dict[str, object]:
                 torch.autograd.backward(outs, grads)
             del outs, grads
     return {"loss": total, "per_key": per_key, "force_rms": rms}
+
+
+def field_calls(tr, batch) -> List[List[tuple]]:
+    """The (gen, pos, neg, neg_weight) items of each field call a step of Trainer `tr` makes on `batch`, computed
+    without a graph: one call with every key in the plain step (the encoder's own views), one per key group of
+    phase B in the chunked step (its contiguous key buffers). The same tensors in layout and dtype as the step
+    passes, so the same kernel variants launch (drift/precompile.py runs this under FakeTensorMode)."""
+    n, chunk = tr.nc_local, tr.cfg.label_chunk
+    with torch.no_grad(), tr._autocast():
+        if 0 < chunk < n:
+            f_gen, f_pos, f_unc = chunk_keys(tr, batch, label_chunks(n, chunk))
+        else:
+            f_gen = tr._encode(tr._generate(batch, 0, n, graph=False))
+            f_pos, f_unc = tr._split_reals(tr._encode(tr._reals(batch, 0, n)), n)
+    w = tr._cfg_weight(batch)
+    if not 0 < chunk < n:
+        return [tr._key_items(f_gen, f_pos, f_unc, w)]
+    return [tr._key_items({k: f_gen[k] for k in group}, {k: f_pos[k] for k in group},
+                          {k: f_unc[k] for k in group} if f_unc is not None else None, w)
+            for group in key_groups(f_gen)]
 
 
 # ----------------------------------------------------------------------------------------------------

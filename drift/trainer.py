@@ -176,6 +176,7 @@ class Trainer:
         self.gen_fn = self.ddp if self.ddp is not None else self.model
         self.phase_timer: Optional[PhaseTimer] = None  # set by benchmarks/bench_train.py's instrumented run
         self.compile_warmup_s: Optional[float] = None
+        self.precompile_info: Optional[dict] = None
 
         self.out_dir = cfg.out_dir
         if self.info.is_main:
@@ -293,17 +294,16 @@ class Trainer:
         cfg = self.cfg
         return cfg_weight(batch["alpha"], cfg.gen_per_label, cfg.neg_per_sample) if cfg.neg_per_sample else None
 
-    def _key_losses(self, f_gen, f_pos, f_unc, w):
-        """The field of every key: ({key: loss, the mean over its (label, location) rows}, {key: mean force RMS}).
+    def _key_items(self, f_gen, f_pos, f_unc, w) -> List[tuple]:
+        """The field's (gen, pos, neg, neg_weight) item of every key, rows grouped per label without copies.
 
         f_gen / f_pos / f_unc map key -> [n*G | n*P | n*U, L, D] (f_unc None without negatives), w [n] the
-        weight of the unconditional negatives. Rows are grouped per label without copies
-        ([n*G, L, D] -> [n, L, G, D]). The one place the step calls the field."""
+        weight of the unconditional negatives; each item is ([n, L, G, D], [n, L, P, D], [n, L, U, D] or None,
+        [n, L, U] or None)."""
         cfg = self.cfg
         G, P = cfg.gen_per_label, cfg.pos_per_sample
-        keys, items = list(f_gen), []
-        for k in keys:
-            fg = f_gen[k]
+        items = []
+        for k, fg in f_gen.items():
             L, D = fg.shape[1:]
             n = fg.shape[0] // G
             gk = fg.view(n, G, L, D).transpose(1, 2)  # (n, L, G, D)
@@ -314,13 +314,21 @@ class Trainer:
                 nk = f_unc[k].view(n, U, L, D).transpose(1, 2)  # (n, L, U, D)
                 wk = w.view(n, 1, 1).expand(n, L, U).to(torch.float32)
             items.append((gk, pk, nk, wk))
+        return items
+
+    def _key_losses(self, f_gen, f_pos, f_unc, w):
+        """The field of every key: ({key: loss, the mean over its (label, location) rows}, {key: mean force RMS}).
+
+        Arguments as for `_key_items`. The one place the step calls the field."""
+        cfg = self.cfg
+        keys = list(f_gen)
         # All keys in one call: each keeps its own global scale and RMS (the result equals per-key drifting_loss
         # calls bit for bit), with 2 all-reduces instead of 2 per key and one launch per pass and group of keys.
         # cfg.fused_loss: each loss and its gradient straight from the field's value and force (no elementwise
         # kernels per key, no fp32 copies of the keys; drift/field/loss.py), equal up to fp32 rounding.
-        out = drifting_loss_multi(items, temperatures=cfg.R_list, normalization=cfg.normalization,
-                                  backend=cfg.field_backend, process_group=self.pg, check_finite=False,
-                                  fused=cfg.fused_loss)
+        out = drifting_loss_multi(self._key_items(f_gen, f_pos, f_unc, w), temperatures=cfg.R_list,
+                                  normalization=cfg.normalization, backend=cfg.field_backend, process_group=self.pg,
+                                  check_finite=False, fused=cfg.fused_loss)
         per_key = {k: lk.mean() for k, (lk, _) in zip(keys, out)}  # mean over (label, location) rows
         rms = {k: info["force_rms"].mean() for k, (_, info) in zip(keys, out)}
         return per_key, rms
@@ -373,6 +381,13 @@ class Trainer:
         out["grad_norm"] = grad_norm
         out["lr"] = lr
         return out
+
+    def precompile_field(self) -> None:
+        """With cfg.precompile on a GPU: compile the Triton kernels of the step's field in parallel processes
+        before the first step (drift/precompile.py); the summary is kept in `precompile_info`."""
+        if self.cfg.precompile:
+            from drift.precompile import precompile_field
+            self.precompile_info = precompile_field(self)
 
     def warmup_compile(self) -> None:
         """Run the compiled forward/backward once on throwaway inputs, then restore every touched state.
@@ -499,6 +514,7 @@ class Trainer:
         if info.is_main and cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True)
+        self.precompile_field()
         self.warmup_compile()
         imgs_per_step = cfg.train_batch_size * cfg.gen_per_label  # generated images per step, all ranks
         finite = torch.ones((), dtype=torch.bool, device=self.device)

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import triton.language as tl
 
-from . import INTERPRETED
+from . import INTERPRETED, aot
 from .field_device import RMS_EPS, _field_force_kernel, _field_scale_kernel, _field_sumsq_kernel, _segment_sum_kernel
 from .field_device_split import _field_gram_part_kernel, _field_gram_reduce_kernel
 from .field_tuning import (BEST_MS, FORCED, PROXY_NORM, R_LIST_DEFAULT, ROUTE_NAMES, ROUTE_RECOMPUTE, ROUTE_SPLIT,
@@ -119,7 +119,7 @@ def _signature(gen, pos, neg, w) -> tuple:
 
 def _check_device(*ts):
     for t in ts:
-        if t is not None and t.device.type != "cuda" and not INTERPRETED:
+        if t is not None and t.device.type != "cuda" and not INTERPRETED and aot.active() is None:
             raise ValueError(f"the Triton drifting-field kernels need CUDA tensors (got {t.device}); "
                              "set TRITON_INTERPRET=1 before importing triton to run them on CPU")
 

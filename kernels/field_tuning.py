@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import INTERPRETED
+from . import INTERPRETED, aot
 
 # Tuning needs CUDA events; the interpreter runs one fixed configuration. Off by default: the calibrated first
 # candidates need no timing, so a first training step compiles a few kernels instead of every candidate.
@@ -286,7 +286,7 @@ def reset() -> None:
 
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return 0
+        return aot.sms()  # the target GPU's inside an aot.compile_for block, else 0
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _NUM_SMS:
         _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
@@ -295,9 +295,9 @@ def num_sms(device: torch.device) -> int:
 
 def rows_bucket(B: int, device: torch.device) -> int:
     """0: fewer rows than SMs; 1: up to 8 waves; 2: more. The best config depends on the occupancy regime."""
-    if device.type != "cuda":
-        return 0
     n = num_sms(device)
+    if n == 0:
+        return 0
     return 0 if B < n else (1 if B < 8 * n else 2)
 
 

@@ -206,3 +206,34 @@ def test_bf16_matmul_weights_are_bit_identical_under_autocast():
     assert all(m.weight.dtype == torch.float32 for m in ex.modules() if isinstance(m, torch.nn.GroupNorm))
     for k in before:
         assert torch.equal(before[k], after[k]), k
+
+
+@pytest.mark.parametrize("label_chunk", [0, 1])
+def test_field_calls_mirror_the_steps_field_calls(tmp_path, monkeypatch, label_chunk):
+    """drift.step.field_calls (what drift/precompile.py compiles the Triton kernels for) lists the field calls the
+    step really makes, item by item in shape, strides and dtype: in the plain step and per key group in the
+    chunked one."""
+    import drift.trainer as trainer_mod
+    x, y = toy_images(n=64, size=8)
+    t = Trainer(tiny(tmp_path, features="mae", feature_weights=_mae_weights(tmp_path / "mae.pt"),
+                     train_batch_size=4, neg_per_sample=3, label_chunk=label_chunk), loader_factory=loader_factory(x, y))
+    meta = lambda items: [tuple(None if v is None else (tuple(v.shape), v.stride(), v.dtype) for v in it)  # noqa
+                          for it in items]
+    seen = []
+    orig = trainer_mod.drifting_loss_multi
+
+    def spy(items, **kw):
+        seen.append(meta(items))
+        return orig(items, **kw)
+
+    try:
+        t._push_batch()
+        batch = t._sample_inputs(0)
+        t.model.train()
+        monkeypatch.setattr(trainer_mod, "drifting_loss_multi", spy)
+        t._forward_backward(batch)
+        listed = [meta(items) for items in step_mod.field_calls(t, batch)]
+    finally:
+        t.close()
+    assert len(seen) == (1 if label_chunk == 0 else len(step_mod.key_groups(t.features(x[:1]))))
+    assert listed == seen

@@ -22,11 +22,15 @@ from drift.field.three_pass import FieldOps, three_pass, three_pass_multi
 if kernels.HAS_TRITON:
     # Imported (and the drift::triton_field_* custom ops registered) with this module, never lazily: a first
     # call inside torch.compile must not trace the registration.
+    from drift.kernels import aot as _kaot
     from drift.kernels import field_multi as _kmulti
     from drift.kernels import field_ops as _kops
     from drift.kernels import field_tuning as _ktuning
 
     _ktuning.set_store(tune_cache.default_store(kernels.TRITON_VERSION, tune_cache.code_version(kernels)))
+    aot = _kaot  # ahead-of-launch compiles (drift/precompile.py; drift.kernels is imported here only)
+else:
+    aot = None
 
 
 def has_triton() -> bool:
@@ -81,7 +85,7 @@ def load(multi: bool = False):
 
 
 def _check_devices(gen, pos, neg, neg_weight, where: str = "") -> None:
-    if gen.device.type != "cuda" and not kernels.INTERPRETED:
+    if gen.device.type != "cuda" and not kernels.INTERPRETED and _kaot.active() is None:
         raise ValueError(f"backend='triton' needs CUDA tensors ({where}gen is on {gen.device}); on CPU use "
                          "backend='cpp' or 'reference', or set TRITON_INTERPRET=1 before importing triton")
     for name, t in (("pos", pos), ("neg", neg), ("neg_weight", neg_weight)):
