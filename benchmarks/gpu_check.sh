@@ -91,8 +91,10 @@ step bench-field 180 env DRIFT_TRITON_AUTOTUNE=1 "$PY" benchmarks/bench_field.py
 step bench-field-bf16 75 env DRIFT_TRITON_AUTOTUNE=1 "$PY" benchmarks/bench_field.py --device cuda --dtype bf16 --out-dir "$OUT" \
   --grid 512x256,2048x640,8192x64,8192x4096 --providers reference triton --time-budget-s "$(bench_budget 75)"
 step bench-field-multi 120 "$PY" benchmarks/bench_field.py --multi-keys --device cuda --dtype bf16 --out-dir "$OUT"
+# The first step's field compiles, serial against the trainer's parallel precompile, on this machine's CPU cores.
+step bench-precompile 90 "$PY" benchmarks/bench_precompile.py --cases ablation-B/2:8 --out-dir "$OUT"
 for b in benchmarks/bench_*.py; do
-  case "$b" in benchmarks/bench_field.py|benchmarks/bench_train.py) continue ;; esac
+  case "$b" in benchmarks/bench_field.py|benchmarks/bench_train.py|benchmarks/bench_precompile.py) continue ;; esac
   step "$(basename "$b" .py)" 75 "$PY" "$b"  # each benchmark's own defaults (they write benchmarks/results/)
 done
 
@@ -129,14 +131,15 @@ for path in sorted(p for d in dirs for p in glob.glob(os.path.join(d, "*.json"))
         print(f"{name}  (targets: ablation-B/2 8 labels <= 60 GiB and <= 550 ms on an H100; B/2 MAE-640 16 labels "
               f"<= 75 GiB; field <= 5% of the step; first step <= 20 s; compile warm-up <= 120 s)")
         print(f"{'preset':>13} {'labels':>6} {'chunk':>5} {'compile':>7} {'step ms':>8} {'img/s':>7} {'peak GiB':>8} "
-              f"{'rsv GiB':>7} {'1st s':>6} {'compile s':>9} {'field %':>7} {'MFU':>6}  note")
+              f"{'rsv GiB':>7} {'pre s':>6} {'1st s':>6} {'compile s':>9} {'field %':>7} {'MFU':>6}  note")
         for r in rows:
             ph = r.get("phases_ms") or {}
             share = 100 * ph.get("field", 0) / sum(ph.values()) if ph and sum(ph.values()) else None
             print(f"{r.get('preset', '?'):>13} {r.get('labels_per_gpu', 0):>6} {f(r.get('label_chunk'), 'd'):>5} "
                   f"{'yes' if r.get('compile') else 'no':>7} {f(r.get('step_ms'), '.1f'):>8} "
                   f"{f(r.get('img_per_s'), '.0f'):>7} {f(r.get('peak_gib'), '.2f'):>8} "
-                  f"{f(r.get('reserved_gib'), '.2f'):>7} {f(r.get('first_step_s'), '.2f'):>6} "
+                  f"{f(r.get('reserved_gib'), '.2f'):>7} {f(r.get('precompile_s'), '.1f'):>6} "
+                  f"{f(r.get('first_step_s'), '.2f'):>6} "
                   f"{f(r.get('compile_warmup_s'), '.1f'):>9} {f(share, '.1f'):>7} "
                   f"{f(r.get('mfu'), '.3f'):>6}  {r.get('error') or ''}")
     else:

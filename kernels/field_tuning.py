@@ -210,6 +210,11 @@ ROUTES: Dict[tuple, int] = {}  # tuning key -> ROUTE_*
 FORCED: Dict[str, object] = {}  # kernel -> Config (and "split" -> J) inside forced_configs
 _TUNING_LOG: List[dict] = []
 _NUM_SMS: Dict[int, int] = {}  # CUDA device index -> multiprocessor count
+# Row shapes whose pass-2 Gram blocks K do not fit in the GPU's shared memory: the stored and the Gram
+# configurations of pass 2 hold the same K blocks whatever their BS, warps or stages (e.g. ~392 KB at the pixel
+# presets' (G, U, P) = (64, 32, 128) on sm_90, where 227 KB fit), so after one of them runs out of shared
+# memory the others are not compiled only to fail too. Keyed by (G, U, P, dtype, has_neg, device).
+_K_OVER: set = set()
 
 
 @contextlib.contextmanager
@@ -282,6 +287,7 @@ def reset() -> None:
     BEST_MS.clear()
     ROUTES.clear()
     _TUNING_LOG.clear()
+    _K_OVER.clear()
 
 
 def num_sms(device: torch.device) -> int:
@@ -329,6 +335,20 @@ def _route_name(c: Config) -> str:
     return ROUTE_NAMES[ROUTE_SPLIT if c.SPLIT else (ROUTE_STORED if c.STORED else ROUTE_RECOMPUTE)]
 
 
+def _holds_k(kernel: str, c: Config) -> bool:
+    """Whether a configuration keeps a row's Gram blocks K in shared memory (pass 2's Gram and stored routes)."""
+    return kernel == "sumsq" and (c.GRAM or c.STORED)
+
+
+def _k_shape(key: tuple) -> tuple:
+    """(G, U, P, dtype, has_neg, device) of a tuning key (field_launch's _Plan.key layout)."""
+    return key[0], key[1], key[2], key[4], key[5], key[9]
+
+
+def _over_shared_memory(e: Exception) -> bool:
+    return type(e).__name__ == "OutOfResources" and "shared memory" in str(e)
+
+
 def tuned_launch(kernel: str, key: tuple, cands: List[Config], launch: Callable[[Config], None],
                   trial: Optional[Callable[[Config], None]] = None, route: Optional[int] = None,
                   device=None) -> Config:
@@ -371,6 +391,9 @@ def tuned_launch(kernel: str, key: tuple, cands: List[Config], launch: Callable[
     tune = AUTOTUNE  # (also a single candidate: the route decision sums the kernels' times)
     run = trial if (tune and trial is not None) else launch
     for c in cands:
+        if _holds_k(kernel, c) and _k_shape(key) in _K_OVER:
+            errors[c.label()] = "skipped: K does not fit in shared memory at this row shape"
+            continue
         try:
             run(c)  # compiles on first use; resource checks happen here, before the kernel runs
             if tune:
@@ -379,6 +402,8 @@ def tuned_launch(kernel: str, key: tuple, cands: List[Config], launch: Callable[
             if INTERPRETED:
                 raise
             errors[c.label()] = _error_text(e)
+            if _holds_k(kernel, c) and _over_shared_memory(e):
+                _K_OVER.add(_k_shape(key))
             continue
         if not tune:
             times[c] = math.nan

@@ -176,6 +176,42 @@ def test_field_triton_route_choice_logic(monkeypatch):
     assert tuning.ROUTES[("d",)] == 2 and tuning.ROUTES[("e",)] == 1 and measured == []
 
 
+def test_field_triton_pass2_skips_k_holding_configs_once_k_does_not_fit(monkeypatch):
+    """Pass 2's stored and Gram configurations hold the same K blocks in shared memory whatever their BS, warps
+    or stages: after one runs out of shared memory at a row shape, the others of that shape are skipped, not
+    compiled to fail too (the pixel presets' (64, 32, 128) rows on an H100: 6 failing compiles -> 1); the
+    streaming configurations, and K-holding ones of another shape, still launch."""
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(tuning, "INTERPRETED", False)
+    tried = []
+
+    def launch(c):
+        tried.append(c)
+        if c.GRAM or c.STORED:
+            raise OutOfResources(401408, 232448, "shared memory")
+
+    key = (64, 32, 128, 1024, "torch.float32", True, True, True, 2, "cuda:0", 0, 3, 1)
+    stored = tuning.candidates("sumsq", 64, 32, 128, 1024, stored=True)
+    with pytest.raises(RuntimeError, match="no launch configuration"):
+        tuning.tuned_launch("sumsq", key, stored, launch)
+    assert tried == stored[:1]  # the first fails, the others are skipped
+    tried.clear()
+    mixed = [tuning.Config(32, 8, 2, True), tuning.Config(16, 8, 3, True), tuning.Config(64, 8, 2)]
+    assert tuning.tuned_launch("sumsq", key[:-1] + (0,), mixed, launch) == mixed[2]
+    assert tried == [mixed[2]]  # the Gram configs (same K) are not tried: the streaming one runs
+    assert "K does not fit" in tuning.tuning_log()[-1]["errors"][mixed[0].label()]
+    tried.clear()
+    other = (64, 16, 64) + key[3:]
+    with pytest.raises(RuntimeError, match="no launch configuration"):
+        tuning.tuned_launch("sumsq", other, stored[:2], launch)
+    assert tried == stored[:1]  # another row shape is tried again
+    tuning.reset()
+    tried.clear()
+    with pytest.raises(RuntimeError):
+        tuning.tuned_launch("sumsq", key, stored[:2], launch)
+    assert tried == stored[:1]  # reset forgets the shapes
+
+
 def test_field_triton_stored_pass_falls_back():
     # A stored pass 2/3 without a configuration that compiles runs its recompute kernel instead (which does
     # not read the buffer); the choice is kept for the plan. A forced stored config after a recompute pass 1
