@@ -112,7 +112,7 @@ def build_config(args, labels: int, out_dir: str) -> TrainConfig:
     over = dict(train_batch_size=labels, device=args.device, out_dir=out_dir, progress=False, compile=args.compile,
                 queue_warmup_batches=1, wandb="disabled", max_steps=10 ** 6, log_every=10 ** 6, ckpt_every=10 ** 6,
                 label_chunk=args.label_chunk, bf16_keys=args.bf16_keys, field_backend=args.field_backend,
-                seed=args.seed, precompile=args.precompile)
+                seed=args.seed, precompile=args.precompile, fused_loss=args.fused_loss)
     for name in ("hidden_size", "depth", "num_heads", "gen_per_label", "pos_per_sample", "neg_per_sample",
                  "threads"):
         v = getattr(args, name)
@@ -248,7 +248,8 @@ def run_one(args, labels: int) -> dict:
     """Measure one labels-per-GPU value in this process; the row of the table."""
     from drift.step import PhaseTimer
     row = {"preset": args.preset, "labels_per_gpu": labels, "compile": args.compile, "label_chunk": args.label_chunk,
-           "bf16_keys": args.bf16_keys, "mae_width": args.mae_width, "error": None}
+           "bf16_keys": args.bf16_keys, "fused_loss": args.fused_loss, "precompile": args.precompile,
+           "mae_width": args.mae_width, "error": None}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config(args, labels, os.path.join(tmp, "run"))
         row.update(gen_per_label=cfg.gen_per_label, pos_per_sample=cfg.pos_per_sample,
@@ -367,6 +368,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="labels per chunk of the label-chunked step (0 = plain step; default: the preset's)")
     p.add_argument("--bf16-keys", action=argparse.BooleanOptionalAction, default=None,
                    help="feature keys in bf16 into the field (default: the preset's)")
+    p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="loss and gradient straight from the field's force (default: the preset's)")
     p.add_argument("--field-backend", default="auto", choices=("auto", "reference", "cpp", "triton"),
                    help="drifting field backend")
     p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=True,
@@ -398,6 +401,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.label_chunk = int(preset.get("label_chunk", 0))
     if args.bf16_keys is None:
         args.bf16_keys = bool(preset.get("bf16_keys", False))
+    if args.fused_loss is None:
+        args.fused_loss = bool(preset.get("fused_loss", False))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     for name in ("steps", "warmup_steps", "phase_steps", "label_chunk"):

@@ -405,7 +405,8 @@ def predict(co: Coefficients, cfg: TrainConfig, labels: int, label_chunk: int, w
     terms: Dict[str, float] = dict(fixed)
     if not chunked:
         terms.update({"generator saved": n * G * gen_saved, "encoder saved": n * G * enc_saved,
-                      "loss saved (x - goal)": n * G * loss_saved, "generated keys (not saved)": n * G * keys_unsaved,
+                      "loss saved ((x - goal) or the fused force)": n * G * loss_saved,
+                      "generated keys (not saved)": n * G * keys_unsaved,
                       "real keys": n * R * real_keys, "field transient": field_tmp,
                       "backward working set": n * G * bwd})
         at_field = fixed_total + n * G * (gen_saved + enc_saved + loss_saved + keys_unsaved) + n * R * real_keys \
@@ -417,7 +418,7 @@ def predict(co: Coefficients, cfg: TrainConfig, labels: int, label_chunk: int, w
         grad_bytes = gen_keys  # the key gradients have the keys' dtypes
         share = layout["group_share"]  # phase B holds one key group's (x - goal) at a time
         terms.update({"stored generated keys / their gradients": n * G * gen_keys,
-                      "loss saved (x - goal), one key group": n * G * loss_saved * share,
+                      "loss saved ((x - goal) or the fused force), one key group": n * G * loss_saved * share,
                       "stored real keys": n * R * real_keys, "field transient": field_tmp,
                       "chunk: generator saved": c * G * gen_saved, "chunk: encoder saved": c * G * enc_saved,
                       "chunk: keys (not saved)": c * G * keys_unsaved, "chunk: backward working set": c * G * bwd})
@@ -434,8 +435,9 @@ def predict(co: Coefficients, cfg: TrainConfig, labels: int, label_chunk: int, w
 # ----------------------------------------------------------------------------------------------------
 
 # The code as measured on the H200 (before the levers: plain step, fp32 keys, fp32 encoder weights, no generator
-# checkpointing) and the presets as they are now (their label_chunk / bf16_keys / grad_checkpointing).
-BEFORE = dict(label_chunk=0, bf16_keys=False, grad_checkpointing=False, bf16_encoder_weights=False)
+# checkpointing, the unfused loss) and the presets as they are now (their label_chunk / bf16_keys /
+# grad_checkpointing / fused_loss).
+BEFORE = dict(label_chunk=0, bf16_keys=False, grad_checkpointing=False, bf16_encoder_weights=False, fused_loss=False)
 DEFAULT_SCENARIOS = [  # (preset, MAE width, labels per GPU, overrides of the preset; None = the preset as it is)
     ("ablation-B/2", 256, (1, 2, 4, 8), BEFORE),
     ("ablation-B/2", 256, (1, 2, 4, 8), None),
