@@ -1,8 +1,8 @@
 """Compile the Triton kernels of the training step's drifting field before its first step, many at once.
 
-A step's field launches ~10-20 kernel variants (one per pass, key group shape, dtype and route: drift.kernels),
-each a 1-4 s Triton compile that holds the GIL, so a first step would spend ~20-40 s compiling them one after
-the other. `precompile_field(trainer)` finds them without running anything and compiles them in parallel
+A step's field launches ~15-30 kernel variants (one per pass, key group shape, dtype, strides and route:
+drift.kernels), each a 1-4 s Triton compile that holds the GIL, so a first step would spend ~25-60 s compiling
+them one after the other (the paper presets' steps on one CPU core: benchmarks/RESULTS.md, "Trainer on GPU"). `precompile_field(trainer)` finds them without running anything and compiles them in parallel
 worker processes into Triton's on-disk cache, where the first step's launches then find them:
 
   1. the step's inputs as fake tensors (FakeTensorMode: shapes, strides and dtypes, no memory, no compute), run
