@@ -292,7 +292,7 @@ def reset() -> None:
 
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return aot.sms()  # the target GPU's inside an aot.compile_for block, else 0
+        return aot.sms()  # the target GPU's inside an aot.record block, else 0
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _NUM_SMS:
         _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count

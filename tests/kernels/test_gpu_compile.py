@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.skipif(not HAS_TRITON or not aot.available(),
                                  reason="needs triton's JIT (installed, TRITON_INTERPRET unset)"),
               pytest.mark.slow]  # (Triton + ptxas compiles: ~1-4 s per kernel variant, cached on disk after)
 
-H100_SHARED = 232448
+H100_SHARED = aot.TARGETS["sm90"][2] if HAS_TRITON else 0
 KERNELS = {"_field_scale_kernel", "_field_sumsq_kernel", "_field_force_kernel", "_segment_sum_kernel"}
 
 
